@@ -1,0 +1,306 @@
+"""The engine loop: continuous batching, drafting, one ragged verification forward, lossless acceptance.
+
+Each `step()`:
+1. admits waiting requests into free KV-cache slots;
+2. schedules every running request: decoding ones feed their last token (plus drafts), prefilling ones a
+   chunk of the prompt within the step's token budget;
+3. asks the proposer for drafts of the requests whose prompt is complete;
+4. runs the target once over the ragged batch and verifies all drafts (greedy match or rejection
+   sampling), rolls the KV cache back past rejected tokens, and emits the accepted tokens.
+Draft length 0 is plain decoding through the same path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dspark.engine.config import EngineConfig
+from dspark.engine.request import Request, RequestOutput
+from dspark.engine.stats import SpecStats
+from dspark.models.llama import Transformer
+from dspark.models.loader import load_tokenizer, load_transformer
+from dspark.proposers import Draft, NgramProposer, Proposer
+from dspark.sampling import SamplingParams, params_tensors, processed_probs
+from dspark.verify import verify
+
+
+def build_proposer(config: EngineConfig) -> Proposer | None:
+    if not config.speculative:
+        return None
+    if config.proposer == "ngram":
+        return NgramProposer(config.ngram.min_n, config.ngram.max_n, config.num_speculative_tokens)
+    raise ValueError(f"unknown proposer {config.proposer!r}")
+
+
+@dataclass
+class _Scheduled:
+    request: Request
+    chunk: list[int]  # tokens from `pending` fed this step
+    final: bool  # the chunk completes the pending tokens: the step samples a token for this request
+    draft: Draft | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        model: Transformer | None = None,
+        tokenizer=None,
+        proposer: Proposer | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model = model if model is not None else load_transformer(config.model, pack=config.pack_weights)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self.proposer = proposer if proposer is not None else build_proposer(config)
+        self.cache = self.model.new_cache(config.max_batch_size, config.max_model_len)
+        self.eos_ids = set(self.model.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SpecStats()
+        self.forward_seconds = 0.0
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None
+    ) -> list[int]:
+        """Token ids of a raw prompt (text or ids) or of chat messages through the model's chat template."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if messages is not None:
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            )
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        ids = self.encode_prompt(prompt, messages)
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens do not fit max_model_len={self.config.max_model_len}"
+            )
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id)
+        self.waiting.append(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its slot; returns its final output (None if unknown or done)."""
+        for queue in (self.waiting, self.running):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    request.finish_reason = "abort"
+                    self._release(request)
+                    return request.output([], "")
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        self._admit()
+        if not self.running:
+            return []
+        scheduled = self._schedule()
+        self._propose([s for s in scheduled if s.final])
+        logits = self._forward(scheduled)
+        finals = [s for s in scheduled if s.final]
+        outputs = self._verify_and_commit(finals, logits) if finals else []
+        self.running = [r for r in self.running if not r.finished]
+        return outputs
+
+    def _admit(self) -> None:
+        while self.waiting and self.cache.num_free:
+            request = self.waiting.popleft()
+            request.slot = self.cache.allocate()
+            self.running.append(request)
+
+    def _schedule(self) -> list[_Scheduled]:
+        """Decoding requests first (they cost one token each), then prompt chunks within the budget."""
+        budget = self.config.max_tokens_per_step
+        decoding = [r for r in self.running if len(r.pending) == 1]
+        prefilling = [r for r in self.running if len(r.pending) > 1]
+        scheduled = [_Scheduled(r, r.pending, final=True) for r in decoding]
+        budget -= len(decoding)
+        for r in prefilling:
+            if budget <= 0:
+                break
+            chunk = r.pending[:budget]
+            scheduled.append(_Scheduled(r, chunk, final=len(chunk) == len(r.pending)))
+            budget -= len(chunk)
+        return scheduled
+
+    def _draft_limit(self, s: _Scheduled) -> int:
+        r = s.request
+        room = self.config.max_model_len - r.num_cached - len(s.chunk)
+        return max(0, min(self.config.num_speculative_tokens, r.remaining_tokens - 1, room))
+
+    def _propose(self, finals: list[_Scheduled]) -> None:
+        if self.proposer is None:
+            return
+        limits = [self._draft_limit(s) for s in finals]
+        wanted = [(s, k) for s, k in zip(finals, limits, strict=True) if k > 0]
+        if not wanted:
+            return
+        drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
+        for (s, k), draft in zip(wanted, drafts, strict=True):
+            s.draft = (
+                Draft(draft.tokens[:k], draft.probs, draft.confidences) if len(draft.tokens) > k else draft
+            )
+
+    def _forward(self, scheduled: list[_Scheduled]) -> torch.Tensor:
+        tokens: list[int] = []
+        logit_rows: list[int] = []
+        for s in scheduled:
+            draft_tokens = s.draft.tokens if s.draft else []
+            start = len(tokens)
+            tokens += s.chunk + draft_tokens
+            if s.final:
+                logit_rows += range(start + len(s.chunk) - 1, len(tokens))
+        layout = self.model.layout(
+            [s.request.slot for s in scheduled],
+            [s.request.num_cached for s in scheduled],
+            [len(s.chunk) + (len(s.draft.tokens) if s.draft else 0) for s in scheduled],
+        )
+        began = time.perf_counter()
+        out = self.model(torch.tensor(tokens), layout, self.cache, torch.tensor(logit_rows))
+        self.forward_seconds += time.perf_counter() - began
+        for s in scheduled:
+            if not s.final:  # a prompt chunk: everything it fed stays cached
+                s.request.num_cached += len(s.chunk)
+                del s.request.pending[: len(s.chunk)]
+        return out.logits
+
+    def _verify_and_commit(self, finals: list[_Scheduled], logits: torch.Tensor) -> list[RequestOutput]:
+        drafts = [s.draft.tokens if s.draft else [] for s in finals]
+        lens = [len(d) for d in drafts]
+        params = [s.request.params for s in finals]
+        target_probs = processed_probs(logits, *params_tensors(params, [k + 1 for k in lens]))
+        draft_probs = None
+        if self.proposer is not None and not self.proposer.deterministic and sum(lens):
+            draft_probs = torch.cat([s.draft.probs for s in finals if s.draft and s.draft.tokens])
+        result = verify(
+            target_probs,
+            torch.tensor([t for d in drafts for t in d], dtype=torch.long),
+            lens,
+            draft_probs,
+            [p.greedy for p in params],
+            [s.request.generator for s in finals],
+        )
+        return [
+            self._commit(s, k, a, new)
+            for s, k, a, new in zip(finals, lens, result.accepted_counts, result.tokens, strict=True)
+        ]
+
+    def _commit(self, s: _Scheduled, drafted: int, accepted: int, new_tokens: list[int]) -> RequestOutput:
+        r = s.request
+        r.stats.record(drafted, accepted)
+        self.stats.record(drafted, accepted)
+        r.num_cached += len(s.chunk) + accepted  # the accepted drafts are cached; the new token is not
+        self.cache.rollback(r.slot, r.num_cached)
+        r.pending = [new_tokens[-1]]
+        emitted = self._append_tokens(r, new_tokens)
+        text, stopped = r.stop_matcher.feed(r.detokenizer.push(emitted))
+        if stopped:
+            r.finish_reason = "stop"
+        elif r.finished:
+            text += r.stop_matcher.feed(r.detokenizer.flush())[0] + r.stop_matcher.flush()
+        if r.finished:
+            self._release(r)
+        return r.output(emitted, text)
+
+    def _append_tokens(self, r: Request, new_tokens: list[int]) -> list[int]:
+        """Append tokens up to EOS, max_tokens or the model length; sets the finish reason."""
+        emitted = []
+        for token in new_tokens:
+            r.output_ids.append(token)
+            emitted.append(token)
+            if token in self.eos_ids and not r.params.ignore_eos:
+                r.finish_reason = "stop"
+            elif (
+                r.remaining_tokens <= 0 or len(r.prompt_ids) + len(r.output_ids) >= self.config.max_model_len
+            ):
+                r.finish_reason = "length"
+            if r.finished:
+                break
+        return emitted
+
+    def _release(self, r: Request) -> None:
+        if r.slot is not None:
+            self.cache.free(r.slot)
+            r.slot = None
+
+    # ---- conveniences -----------------------------------------------------------------------------------
+
+    def run_until_done(self) -> Iterator[RequestOutput]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Run one request alone (with whatever else is queued) and yield its outputs as they come."""
+        request_id = self.add_request(prompt, params, messages=messages)
+        for out in self.run_until_done():
+            if out.request_id == request_id:
+                yield out
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+    ) -> list[Completion]:
+        """Generate for all prompts with continuous batching; results in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        done = {i: Completion(request_id=i) for i in ids}
+        for out in self.run_until_done():
+            done[out.request_id].add(out)
+        return [done[i] for i in ids]
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int] | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    spec: dict | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids = (self.token_ids or []) + out.token_ids
+        self.text += out.text
+        if out.finished:
+            self.finish_reason, self.spec = out.finish_reason, out.spec

@@ -1,0 +1,60 @@
+"""Speculation counters: drafted and accepted tokens, per draft position, and accepted length tau."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class SpecStats(BaseModel):
+    steps: int = 0  # verification steps (forwards that produced at least one token)
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = []  # drafted_at[j]: steps that drafted position j (0-based)
+    accepted_at: list[int] = []  # accepted_at[j]: steps that accepted position j
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        grow = drafted - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at.extend([0] * grow)
+            self.accepted_at.extend([0] * grow)
+        for j in range(drafted):
+            self.drafted_at[j] += 1
+        for j in range(accepted):
+            self.accepted_at[j] += 1
+
+    def merge(self, other: SpecStats) -> None:
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        for j in range(len(other.drafted_at)):
+            if j == len(self.drafted_at):
+                self.drafted_at.append(0)
+                self.accepted_at.append(0)
+            self.drafted_at[j] += other.drafted_at[j]
+            self.accepted_at[j] += other.accepted_at[j]
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification step, the bonus token included (1.0 for plain decoding)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def conditional_acceptance(self) -> list[float]:
+        """P(position j accepted | position j drafted and positions < j accepted)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
+
+    def summary(self) -> dict[str, float | int | list[float]]:
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "tau": round(self.tau, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "conditional_acceptance": [round(x, 4) for x in self.conditional_acceptance()],
+        }

@@ -1,0 +1,1 @@
+"""Target models: configuration, loading and the lean PyTorch implementation."""

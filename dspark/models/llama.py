@@ -1,0 +1,222 @@
+"""A lean Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over a ragged batch.
+
+One forward call processes a *ragged* batch: request i appends `num_new[i]` tokens to its KV-cache slot
+(1 for plain decoding, 1 + draft length for verification, a chunk of the prompt for prefill). Matmuls run
+over all tokens of the batch at once; attention runs per request against its own slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.models.config import ModelConfig
+from dspark.models.kv_cache import KVCache
+from dspark.models.linear import Linear
+from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+
+@dataclass
+class BatchLayout:
+    """Which slot each request writes to, where its new tokens start, and how many there are."""
+
+    slots: list[int]
+    starts: list[int]
+    num_new: list[int]
+    positions: torch.Tensor = field(init=False)
+    masks: list[torch.Tensor | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.positions = torch.cat(
+            [torch.arange(s, s + n) for s, n in zip(self.starts, self.num_new, strict=True)]
+        )
+        self.masks = [None] * len(self.slots)  # filled per model: they depend on the GQA group size
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+
+def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
+    """Additive mask for `group` stacked query heads of `n` new tokens over `start + n` keys.
+
+    None when n == 1: a single new token sees the whole slot.
+    """
+    if n == 1:
+        return None
+    query_pos = torch.arange(start, start + n).repeat(group)
+    visible = torch.arange(start + n)[None, :] <= query_pos[:, None]
+    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+
+
+# Up to this many new tokens per request, explicit matmul attention beats SDPA's CPU dispatch overhead;
+# above it (long prefill chunks) SDPA's blocked kernel keeps memory bounded.
+_SMALL_QUERY_TOKENS = 64
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """q: [kv_heads, rows, d]; k, v: [kv_heads, keys, d]."""
+    scale = q.shape[-1] ** -0.5
+    if q.shape[1] > _SMALL_QUERY_TOKENS:
+        mask = None if bias is None else bias == 0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.baddbmm(
+        bias if bias is not None else q.new_empty(()),
+        q,
+        k.transpose(1, 2),
+        beta=1.0 if bias is not None else 0.0,
+        alpha=scale,
+    )
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wqkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.wo = Linear(cfg.q_size, cfg.hidden_size)
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: BatchLayout,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        T, H, Hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self.wqkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q, k, v = q.view(T, H, d), k.view(T, Hkv, d), v.view(T, Hkv, d)
+        if cfg.qk_norm:
+            q = F.rms_norm(q, (d,), self.q_norm, cfg.rms_norm_eps)
+            k = F.rms_norm(k, (d,), self.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = H // Hkv
+        out = torch.empty(T, Hkv, group, d, dtype=x.dtype)
+        offset = 0
+        for slot, start, n, mask in zip(
+            layout.slots, layout.starts, layout.num_new, layout.masks, strict=True
+        ):
+            end = start + n
+            k_cache[slot, :, start:end] = k[offset : offset + n].transpose(0, 1)
+            v_cache[slot, :, start:end] = v[offset : offset + n].transpose(0, 1)
+            # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
+            qi = q[offset : offset + n].view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
+            oi = _attend(qi, k_cache[slot, :, :end], v_cache[slot, :, :end], mask)
+            out[offset : offset + n] = oi.view(Hkv, group, n, d).permute(2, 0, 1, 3)
+            offset += n
+        return self.wo(out.view(T, H * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.w_down = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layout, k_cache, v_cache) -> torch.Tensor:
+        shape = (x.shape[-1],)
+        h = x + self.attn(F.rms_norm(x, shape, self.attn_norm, self.eps), cos, sin, layout, k_cache, v_cache)
+        return h + self.mlp(F.rms_norm(h, shape, self.mlp_norm, self.eps))
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [len(logit_rows), vocab]
+    hidden: dict[int, torch.Tensor]  # layer index -> [num_tokens, hidden] output of that decoder layer
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        cos, sin = self.rope_buffers(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @staticmethod
+    def rope_buffers(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope_tables(inv_freq, cfg.max_position_embeddings)
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, self.embed.dtype)
+
+    def pack_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+
+    def layout(self, slots: Sequence[int], starts: Sequence[int], num_new: Sequence[int]) -> BatchLayout:
+        layout = BatchLayout(list(slots), list(starts), list(num_new))
+        group = self.cfg.num_heads // self.cfg.num_kv_heads
+        layout.masks = [
+            _block_causal_bias(s, n, group) for s, n in zip(layout.starts, layout.num_new, strict=True)
+        ]
+        return layout
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        layout: BatchLayout,
+        cache: KVCache,
+        logit_rows: torch.Tensor | None = None,
+        hidden_layers: Sequence[int] = (),
+    ) -> ForwardOutput:
+        """Append `tokens` (flattened in request order) to their slots; return logits of `logit_rows`.
+
+        `logit_rows` indexes the flattened tokens (None: all rows). Slot lengths advance by `num_new`;
+        the caller rolls back rejected positions with `cache.rollback`.
+        """
+        for slot, start, n in zip(layout.slots, layout.starts, layout.num_new, strict=True):
+            if cache.lengths[slot] != start:
+                raise ValueError(
+                    f"slot {slot} holds {cache.lengths[slot]} positions, batch starts at {start}"
+                )
+            if start + n > cache.max_len:
+                raise ValueError(f"slot {slot} would exceed the cache length {cache.max_len}")
+        cos, sin = self.rope_cos[layout.positions], self.rope_sin[layout.positions]
+        x = F.embedding(tokens, self.embed)
+        hidden: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, layout, cache.k[i], cache.v[i])
+            if i in hidden_layers:
+                hidden[i] = x
+        for slot, start, n in zip(layout.slots, layout.starts, layout.num_new, strict=True):
+            cache.lengths[slot] = start + n
+        if logit_rows is not None:
+            x = x.index_select(0, logit_rows)
+        logits = self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps))
+        return ForwardOutput(logits=logits, hidden=hidden)

@@ -1,0 +1,72 @@
+"""Prompt-lookup (n-gram) drafting: model-free proposals copied from the request's own history.
+
+If the last n tokens already occurred earlier in the prompt or output, the tokens that followed that earlier
+occurrence are a cheap guess for what comes next (vLLM's NgramProposer, HF prompt lookup decoding). This
+pays off on inputs with repetition: code edits, summaries quoting the source, structured output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dspark.proposers.base import Draft, DraftRequest
+
+
+def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    """Return up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram.
+
+    n is tried from max_n down to min_n; an occurrence must end before the last position, so at least one
+    token follows it. Cost is O(len(tokens) * n_matched) vectorized compares: the match mask for n is
+    derived from the one for n - 1, and the search stops at the first n with no match at all.
+    """
+    num = int(tokens.shape[0])
+    max_n = min(max_n, num - 1)
+    if k <= 0 or max_n < min_n:
+        return []
+    # match[j] is True iff tokens[j : j + n] == tokens[-n:]; the occurrence ends at j + n - 1 <= num - 2.
+    match = tokens[:-1] == tokens[-1]
+    best_end = -1
+    for n in range(1, max_n + 1):
+        if n > 1:
+            # Extending the n-gram one token to the left keeps a start j only if tokens[j] == tokens[-n].
+            match = match[1:] & (tokens[: num - n] == tokens[-n])
+        hits = np.flatnonzero(match)
+        if hits.size == 0:
+            break  # no longer n-gram can match either
+        if n >= min_n:
+            best_end = int(hits[-1]) + n - 1  # the most recent occurrence wins
+    if best_end < 0:
+        return []
+    return tokens[best_end + 1 : best_end + 1 + k].tolist()
+
+
+class NgramProposer:
+    """Stateless prompt-lookup drafter; one instance serves every request."""
+
+    name = "ngram"
+    deterministic = True
+
+    def __init__(self, min_n: int = 1, max_n: int = 4, max_draft: int = 8) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        if max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
+        self.min_n = min_n
+        self.max_n = max_n
+        self.max_draft = max_draft
+
+    def propose_tokens(self, token_ids: Sequence[int], k: int) -> list[int]:
+        """Draft up to min(k, max_draft) tokens from a request's full history (prompt + generated)."""
+        k = min(k, self.max_draft)
+        if k <= 0 or len(token_ids) < 2:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        return ngram_lookup(tokens, self.min_n, self.max_n, k)
+
+    def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
+        return [Draft(self.propose_tokens(r.token_ids, k)) for r, k in zip(requests, max_lens, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"NgramProposer(min_n={self.min_n}, max_n={self.max_n}, max_draft={self.max_draft})"
