@@ -1,0 +1,180 @@
+"""`dspark bench`: decoding speed of this engine against transformers, side by side in one run.
+
+For every prompt (batch 1, greedy) the methods run back to back, so machine noise hits them alike; the
+report gives totals, per-prompt medians and the median of per-prompt ratios. It also profiles the verify
+cost curve: target forward time against the number of new tokens per request and against batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field
+
+from dspark.engine import Engine, EngineConfig
+from dspark.models.llama import Transformer
+from dspark.models.loader import load_tokenizer, load_transformer, resolve_model_dir
+from dspark.prompts import load_prompts, write_json
+from dspark.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class BenchConfig(BaseModel):
+    prompts: str | None = None
+    num_prompts: int = Field(40, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    model: str = "default"
+    gammas: list[int] = [4]
+    compare_transformers: bool = True
+    cost_curve: bool = True
+    threads: int | None = None
+    output: str = "bench.json"
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def _timed(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
+    began = time.perf_counter()
+    tokens = fn()
+    return tokens, time.perf_counter() - began
+
+
+def _transformers_runner(model_dir: str, max_tokens: int) -> Callable[[list[int]], list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def run(ids: list[int]) -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+        return out[0, len(ids) :].tolist()
+
+    return run
+
+
+def _engine_runner(engine: Engine, max_tokens: int) -> Callable[[list[int]], list[int]]:
+    params = SamplingParams(max_tokens=max_tokens)
+
+    def run(ids: list[int]) -> list[int]:
+        return [t for out in engine.stream(ids, params) for t in out.token_ids]
+
+    return run
+
+
+def _method_summary(rows: list[dict], name: str) -> dict:
+    tokens = sum(r[name]["tokens"] for r in rows)
+    seconds = sum(r[name]["seconds"] for r in rows)
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "median_prompt_tokens_per_s": round(
+            _median([r[name]["tokens"] / r[name]["seconds"] for r in rows]), 2
+        ),
+    }
+
+
+def _ratio(rows: list[dict], num: str, den: str) -> float:
+    return round(_median([r[den]["seconds"] / r[num]["seconds"] for r in rows]), 3)
+
+
+def cost_curve(model: Transformer, context: int = 256, reps: int = 9) -> dict:
+    """Median ms of one target forward: 1 request with n new tokens, and b requests with 1 token each."""
+    new_tokens, batch_sizes = [1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16]
+    cache = model.new_cache(max(batch_sizes), context + max(new_tokens))
+    slots = [cache.allocate() for _ in batch_sizes[-1:] for _ in range(batch_sizes[-1])]
+    for slot in slots:  # shared filler context
+        model(torch.randint(0, model.cfg.vocab_size, (context,)), model.layout([slot], [0], [context]), cache)
+
+    def forward_ms(num_new: list[int]) -> float:
+        used = slots[: len(num_new)]
+        tokens = torch.randint(0, model.cfg.vocab_size, (sum(num_new),))
+        layout = model.layout(used, [context] * len(used), num_new)
+        began = time.perf_counter()
+        model(tokens, layout, cache)
+        elapsed = (time.perf_counter() - began) * 1000
+        for slot in used:
+            cache.rollback(slot, context)
+        return elapsed
+
+    shapes = {f"tokens_{n}": [n] for n in new_tokens} | {f"batch_{b}": [1] * b for b in batch_sizes}
+    samples: dict[str, list[float]] = {k: [] for k in shapes}
+    for _ in range(reps):  # interleaved rounds: drift hits every shape alike
+        for key, num_new in shapes.items():
+            samples[key].append(forward_ms(num_new))
+    ms = {k: round(_median(v), 2) for k, v in samples.items()}
+    return {
+        "context": context,
+        "ms_per_forward": ms,
+        "relative_to_one_token": {k: round(v / ms["tokens_1"], 3) for k, v in ms.items()},
+    }
+
+
+def run_bench(config: BenchConfig) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = load_transformer(config.model)
+    tokenizer = load_tokenizer(config.model)
+    records = load_prompts(config.prompts, config.num_prompts)
+
+    def engine(proposer: str, gamma: int) -> Engine:
+        cfg = EngineConfig(
+            model=config.model, proposer=proposer, num_speculative_tokens=gamma, max_batch_size=1,
+            max_model_len=4096,
+        )  # fmt: skip
+        return Engine(cfg, model=model, tokenizer=tokenizer)
+
+    plain = engine("none", 0)
+    runners: dict[str, Callable[[list[int]], list[int]]] = {"plain": _engine_runner(plain, config.max_tokens)}
+    ngram_engines = {f"ngram_g{g}": engine("ngram", g) for g in config.gammas}
+    runners |= {name: _engine_runner(e, config.max_tokens) for name, e in ngram_engines.items()}
+    if config.compare_transformers:
+        runners["transformers"] = _transformers_runner(
+            str(resolve_model_dir(config.model)), config.max_tokens
+        )
+
+    rows = []
+    for i, record in enumerate(records):
+        ids = plain.encode_prompt(messages=[{"role": "user", "content": record.turns[0]}])
+        row: dict = {"id": record.id, "dataset": record.dataset, "prompt_tokens": len(ids)}
+        outputs = {}
+        for name, run in runners.items():
+            outputs[name], seconds = _timed(lambda run=run: run(ids))
+            row[name] = {"tokens": len(outputs[name]), "seconds": round(seconds, 4)}
+        row["identical_outputs"] = all(out == outputs["plain"] for out in outputs.values())
+        rows.append(row)
+        log.info(
+            "prompt %d/%d %s: %s",
+            i + 1,
+            len(records),
+            record.id,
+            {k: round(v["tokens"] / v["seconds"], 1) for k, v in row.items() if isinstance(v, dict)},
+        )
+
+    report: dict = {
+        "config": config.model_dump(),
+        "threads": torch.get_num_threads(),
+        "methods": {name: _method_summary(rows, name) for name in runners},
+        "speedup_vs_plain": {name: _ratio(rows, name, "plain") for name in runners if name != "plain"},
+        "identical_outputs": sum(r["identical_outputs"] for r in rows),
+        "ngram": {name: e.stats.summary() for name, e in ngram_engines.items()},
+    }
+    if config.compare_transformers:
+        report["speedup_vs_transformers"] = {
+            n: _ratio(rows, n, "transformers") for n in runners if n != "transformers"
+        }
+    if config.cost_curve:
+        report["cost_curve"] = cost_curve(model)
+    report["prompts"] = rows
+    write_json(config.output, report)
+    summary = {k: v for k, v in report.items() if k not in ("prompts", "config")}
+    log.info("bench summary: %s", summary)
+    print(summary)
+    return report

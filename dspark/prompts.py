@@ -1,0 +1,48 @@
+"""Prompt sets in the shared JSON Lines format: {"id", "dataset", "domain", "turns"}."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from itertools import zip_longest
+from pathlib import Path
+
+from pydantic import BaseModel
+
+DEV_PROMPTS = "dev_prompts.jsonl"
+TRAIN_PROMPTS = "train_prompts.jsonl"
+
+
+class PromptRecord(BaseModel):
+    id: str
+    dataset: str
+    domain: str
+    turns: list[str]
+
+
+def shared_datasets_dir() -> Path:
+    """`../shared/datasets` next to the repository (the layout of every checkout of this project)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[PromptRecord]:
+    """Read a prompt file (default: the dev prompts); with `limit`, take datasets round-robin so that a
+    small sample still covers every dataset and domain."""
+    path = Path(path) if path is not None else shared_datasets_dir() / DEV_PROMPTS
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    records = [
+        PromptRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()
+    ]
+    if limit is None or limit >= len(records):
+        return records
+    by_dataset: dict[str, list[PromptRecord]] = defaultdict(list)
+    for record in records:
+        by_dataset[record.dataset].append(record)
+    interleaved = [r for group in zip_longest(*by_dataset.values()) for r in group if r is not None]
+    return interleaved[:limit]
+
+
+def write_json(path: str | Path, payload: object) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
