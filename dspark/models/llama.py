@@ -95,27 +95,45 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         T, H, Hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = self.wqkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q, k, v = q.view(T, H, d), k.view(T, Hkv, d), v.view(T, Hkv, d)
+        qkv = self.wqkv(x)
+        qk = qkv[:, : cfg.q_size + cfg.kv_size].view(T, H + Hkv, d)
         if cfg.qk_norm:
-            q = F.rms_norm(q, (d,), self.q_norm, cfg.rms_norm_eps)
-            k = F.rms_norm(k, (d,), self.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat(
+                (
+                    F.rms_norm(qk[:, :H], (d,), self.q_norm, cfg.rms_norm_eps),
+                    F.rms_norm(qk[:, H:], (d,), self.k_norm, cfg.rms_norm_eps),
+                ),
+                dim=1,
+            )
+        qk = apply_rope(qk, cos, sin)  # queries and keys in one pass
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, Hkv, d)
         group = H // Hkv
+        if len(layout.slots) == 1:  # the batch-1 decode hot path: no gather buffer
+            slot, start, mask = layout.slots[0], layout.starts[0], layout.masks[0]
+            out = self._attend_one(q, k, v, slot, start, mask, k_cache, v_cache)
+            return self.wo(out.reshape(T, H * d))
         out = torch.empty(T, Hkv, group, d, dtype=x.dtype)
         offset = 0
         for slot, start, n, mask in zip(
             layout.slots, layout.starts, layout.num_new, layout.masks, strict=True
         ):
-            end = start + n
-            k_cache[slot, :, start:end] = k[offset : offset + n].transpose(0, 1)
-            v_cache[slot, :, start:end] = v[offset : offset + n].transpose(0, 1)
-            # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
-            qi = q[offset : offset + n].view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
-            oi = _attend(qi, k_cache[slot, :, :end], v_cache[slot, :, :end], mask)
-            out[offset : offset + n] = oi.view(Hkv, group, n, d).permute(2, 0, 1, 3)
+            rows = slice(offset, offset + n)
+            out[rows] = self._attend_one(q[rows], k[rows], v[rows], slot, start, mask, k_cache, v_cache)
             offset += n
         return self.wo(out.view(T, H * d))
+
+    def _attend_one(self, q, k, v, slot, start, mask, k_cache, v_cache) -> torch.Tensor:  # noqa: ANN001
+        """Append one request's keys/values to its slot and attend; returns [n, kv_heads, group, d]."""
+        n, Hkv, d = k.shape
+        group = q.shape[1] // Hkv
+        end = start + n
+        k_cache[slot, :, start:end] = k.transpose(0, 1)
+        v_cache[slot, :, start:end] = v.transpose(0, 1)
+        # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
+        q = q.view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
+        out = _attend(q, k_cache[slot, :, :end], v_cache[slot, :, :end], mask)
+        return out.view(Hkv, group, n, d).permute(2, 0, 1, 3)
 
 
 class MLP(nn.Module):
@@ -126,7 +144,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
