@@ -40,9 +40,9 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
-def _timed(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
+def _timed(run: Callable[[list[int]], list[int]], ids: list[int]) -> tuple[list[int], float]:
     began = time.perf_counter()
-    tokens = fn()
+    tokens = run(ids)
     return tokens, time.perf_counter() - began
 
 
@@ -146,7 +146,7 @@ def run_bench(config: BenchConfig) -> dict:
         row: dict = {"id": record.id, "dataset": record.dataset, "prompt_tokens": len(ids)}
         outputs = {}
         for name, run in runners.items():
-            outputs[name], seconds = _timed(lambda run=run: run(ids))
+            outputs[name], seconds = _timed(run, ids)
             row[name] = {"tokens": len(outputs[name]), "seconds": round(seconds, 4)}
         row["identical_outputs"] = all(out == outputs["plain"] for out in outputs.values())
         rows.append(row)

@@ -123,7 +123,7 @@ class Attention(nn.Module):
             offset += n
         return self.wo(out.view(T, H * d))
 
-    def _attend_one(self, q, k, v, slot, start, mask, k_cache, v_cache) -> torch.Tensor:  # noqa: ANN001
+    def _attend_one(self, q, k, v, slot, start, mask, k_cache, v_cache) -> torch.Tensor:
         """Append one request's keys/values to its slot and attend; returns [n, kv_heads, group, d]."""
         n, Hkv, d = k.shape
         group = q.shape[1] // Hkv
