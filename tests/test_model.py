@@ -176,6 +176,23 @@ def test_tiny_model_matches_transformers(tiny_models, name: str):
         torch.testing.assert_close(normed, ref.hidden_states[L][0], atol=1e-4, rtol=1e-4)
 
 
+def test_transformers_v4_style_config(tiny_models, tmp_path):
+    """Older config.json files spell RoPE as top-level rope_theta + rope_scaling (not rope_parameters)."""
+    hf, folder = tiny_models["llama3-rope"]
+    cfg = json.loads((folder / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}  # the legacy key name
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for f in folder.glob("*.safetensors"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    model = load_transformer(tmp_path)
+    assert model.cfg.rope_scaling is not None
+    tokens = random_tokens(50, 128, seed=5)
+    logits, _ = run_segments(model, tokens, [40, 1, 9])
+    torch.testing.assert_close(logits, hf_forward(hf, tokens).logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_tiny_model_unpacked_weights_match(tiny_models):
     hf, folder = tiny_models["qwen2-bias"]
     packed, plain = load_transformer(folder), load_transformer(folder, pack=False)

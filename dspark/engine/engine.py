@@ -37,6 +37,15 @@ def build_proposer(config: EngineConfig) -> Proposer | None:
     raise ValueError(f"unknown proposer {config.proposer!r}")
 
 
+def _truncated(draft: Draft, k: int) -> Draft:
+    """A draft cut to k tokens; probs and confidences stay aligned with the tokens."""
+    if len(draft.tokens) <= k:
+        return draft
+    probs = None if draft.probs is None else draft.probs[:k]
+    confidences = None if draft.confidences is None else draft.confidences[:k]
+    return Draft(draft.tokens[:k], probs, confidences)
+
+
 @dataclass
 class _Scheduled:
     request: Request
@@ -175,9 +184,7 @@ class Engine:
             return
         drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
         for (s, k), draft in zip(wanted, drafts, strict=True):
-            s.draft = (
-                Draft(draft.tokens[:k], draft.probs, draft.confidences) if len(draft.tokens) > k else draft
-            )
+            s.draft = _truncated(draft, k)
 
     def _forward(self, scheduled: list[_Scheduled]) -> torch.Tensor:
         tokens: list[int] = []
@@ -194,7 +201,8 @@ class Engine:
             [len(s.chunk) + (len(s.draft.tokens) if s.draft else 0) for s in scheduled],
         )
         began = time.perf_counter()
-        out = self.model(torch.tensor(tokens), layout, self.cache, torch.tensor(logit_rows))
+        rows = torch.tensor(logit_rows, dtype=torch.long)  # empty when the step only feeds prompt chunks
+        out = self.model(torch.tensor(tokens), layout, self.cache, rows)
         self.forward_seconds += time.perf_counter() - began
         for s in scheduled:
             if not s.final:  # a prompt chunk: everything it fed stays cached
@@ -225,12 +233,13 @@ class Engine:
 
     def _commit(self, s: _Scheduled, drafted: int, accepted: int, new_tokens: list[int]) -> RequestOutput:
         r = s.request
-        r.stats.record(drafted, accepted)
-        self.stats.record(drafted, accepted)
         r.num_cached += len(s.chunk) + accepted  # the accepted drafts are cached; the new token is not
         self.cache.rollback(r.slot, r.num_cached)
         r.pending = [new_tokens[-1]]
         emitted = self._append_tokens(r, new_tokens)
+        # Count accepted drafts that reach the output (not those past EOS): tau is what users get per step.
+        r.stats.record(drafted, min(accepted, len(emitted) - 1))
+        self.stats.record(drafted, min(accepted, len(emitted) - 1))
         text, stopped = r.stop_matcher.feed(r.detokenizer.push(emitted))
         if stopped:
             r.finish_reason = "stop"
