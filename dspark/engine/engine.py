@@ -214,7 +214,11 @@ class Engine:
         drafts = [s.draft.tokens if s.draft else [] for s in finals]
         lens = [len(d) for d in drafts]
         params = [s.request.params for s in finals]
-        target_probs = processed_probs(logits, *params_tensors(params, [k + 1 for k in lens]))
+        greedy = [p.greedy for p in params]
+        # An all-greedy batch is decided by argmax alone: skip the vocabulary-wide softmax.
+        target_probs = (
+            logits if all(greedy) else processed_probs(logits, *params_tensors(params, [k + 1 for k in lens]))
+        )
         draft_probs = None
         if self.proposer is not None and not self.proposer.deterministic and sum(lens):
             draft_probs = torch.cat([s.draft.probs for s in finals if s.draft and s.draft.tokens])
@@ -223,7 +227,7 @@ class Engine:
             torch.tensor([t for d in drafts for t in d], dtype=torch.long),
             lens,
             draft_probs,
-            [p.greedy for p in params],
+            greedy,
             [s.request.generator for s in finals],
         )
         return [

@@ -23,6 +23,10 @@ class KVCache:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer lists of per-slot views [kv_heads, max_len, head_dim], made once: indexing the 5-D
+        # tensor on every layer of every step costs more than the decode-step attention itself.
+        self.k_slots = [list(layer.unbind(0)) for layer in self.k]
+        self.v_slots = [list(layer.unbind(0)) for layer in self.v]
         self.max_len = max_len
         self.lengths = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))

@@ -56,6 +56,7 @@ def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
 # Up to this many new tokens per request, explicit matmul attention beats SDPA's CPU dispatch overhead;
 # above it (long prefill chunks) SDPA's blocked kernel keeps memory bounded.
 _SMALL_QUERY_TOKENS = 64
+_UNUSED = torch.empty(())  # baddbmm's ignored input when beta == 0
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +66,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         mask = None if bias is None else bias == 0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.baddbmm(
-        bias if bias is not None else q.new_empty(()),
+        bias if bias is not None else _UNUSED,
         q,
         k.transpose(1, 2),
         beta=1.0 if bias is not None else 0.0,
@@ -90,8 +91,8 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: BatchLayout,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_slots: list[torch.Tensor],
+        v_slots: list[torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
         T, H, Hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -111,7 +112,7 @@ class Attention(nn.Module):
         group = H // Hkv
         if len(layout.slots) == 1:  # the batch-1 decode hot path: no gather buffer
             slot, start, mask = layout.slots[0], layout.starts[0], layout.masks[0]
-            out = self._attend_one(q, k, v, slot, start, mask, k_cache, v_cache)
+            out = self._attend_one(q, k, v, start, mask, k_slots[slot], v_slots[slot])
             return self.wo(out.reshape(T, H * d))
         out = torch.empty(T, Hkv, group, d, dtype=x.dtype)
         offset = 0
@@ -119,20 +120,32 @@ class Attention(nn.Module):
             layout.slots, layout.starts, layout.num_new, layout.masks, strict=True
         ):
             rows = slice(offset, offset + n)
-            out[rows] = self._attend_one(q[rows], k[rows], v[rows], slot, start, mask, k_cache, v_cache)
+            out[rows] = self._attend_one(q[rows], k[rows], v[rows], start, mask, k_slots[slot], v_slots[slot])
             offset += n
         return self.wo(out.view(T, H * d))
 
-    def _attend_one(self, q, k, v, slot, start, mask, k_cache, v_cache) -> torch.Tensor:
+    @staticmethod
+    def _attend_one(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        k_slot: torch.Tensor,
+        v_slot: torch.Tensor,
+    ) -> torch.Tensor:
         """Append one request's keys/values to its slot and attend; returns [n, kv_heads, group, d]."""
         n, Hkv, d = k.shape
         group = q.shape[1] // Hkv
         end = start + n
-        k_cache[slot, :, start:end] = k.transpose(0, 1)
-        v_cache[slot, :, start:end] = v.transpose(0, 1)
+        k_slot[:, start:end] = k.transpose(0, 1)
+        v_slot[:, start:end] = v.transpose(0, 1)
         # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
+        if n == 1:
+            out = _attend(q.view(Hkv, group, d), k_slot[:, :end], v_slot[:, :end], mask)
+            return out.view(1, Hkv, group, d)
         q = q.view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
-        out = _attend(q, k_cache[slot, :, :end], v_cache[slot, :, :end], mask)
+        out = _attend(q, k_slot[:, :end], v_slot[:, :end], mask)
         return out.view(Hkv, group, n, d).permute(2, 0, 1, 3)
 
 
@@ -156,9 +169,9 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layout, k_cache, v_cache) -> torch.Tensor:
+    def forward(self, x, cos, sin, layout, k_slots, v_slots) -> torch.Tensor:
         shape = (x.shape[-1],)
-        h = x + self.attn(F.rms_norm(x, shape, self.attn_norm, self.eps), cos, sin, layout, k_cache, v_cache)
+        h = x + self.attn(F.rms_norm(x, shape, self.attn_norm, self.eps), cos, sin, layout, k_slots, v_slots)
         return h + self.mlp(F.rms_norm(h, shape, self.mlp_norm, self.eps))
 
 
@@ -225,11 +238,11 @@ class Transformer(nn.Module):
                 )
             if start + n > cache.max_len:
                 raise ValueError(f"slot {slot} would exceed the cache length {cache.max_len}")
-        cos, sin = self.rope_cos[layout.positions], self.rope_sin[layout.positions]
+        cos, sin = self.rope_cos[layout.positions, None], self.rope_sin[layout.positions, None]
         x = F.embedding(tokens, self.embed)
         hidden: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, layout, cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, layout, cache.k_slots[i], cache.v_slots[i])
             if i in hidden_layers:
                 hidden[i] = x
         for slot, start, n in zip(layout.slots, layout.starts, layout.num_new, strict=True):

@@ -38,6 +38,6 @@ def rope_tables(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, signed_sin: [T, head_dim] (from `rope_tables`)."""
+    """x: [T, heads, head_dim]; cos, signed_sin: [T, 1, head_dim] rows of the `rope_tables`."""
     rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos[:, None], rolled, signed_sin[:, None])
+    return torch.addcmul(x * cos, rolled, signed_sin)

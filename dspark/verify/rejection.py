@@ -47,6 +47,22 @@ def _sample_rows(dist: Tensor, sampled: list[bool], generators: Sequence[torch.G
     return out
 
 
+def _verify_greedy(target_scores: Tensor, draft_tokens: Tensor, k_list: list[int]) -> VerifyResult:
+    """All-greedy batch: only argmaxes matter, so raw logits work as well as one-hot probs."""
+    argmax = target_scores.argmax(-1).tolist()
+    drafts = draft_tokens.tolist()
+    counts, tokens = [], []
+    row = start = 0
+    for k in k_list:
+        n = 0
+        while n < k and drafts[start + n] == argmax[row + n]:
+            n += 1
+        counts.append(n)
+        tokens.append([*drafts[start : start + n], argmax[row + n]])
+        row, start = row + k + 1, start + k
+    return VerifyResult(accepted_counts=counts, tokens=tokens)
+
+
 def verify(
     target_probs: Tensor,
     draft_tokens: Tensor,
@@ -67,6 +83,8 @@ def verify(
     assert draft_tokens.numel() == n_draft and target_probs.size(0) == n_draft + n_req
     assert len(greedy) == n_req and len(generators) == n_req
     sampled = [not g for g in greedy]
+    if not any(sampled):
+        return _verify_greedy(target_probs, draft_tokens, k_list)
 
     lens = torch.tensor(k_list, dtype=torch.long, device=device)
     req = torch.repeat_interleave(torch.arange(n_req, device=device), lens)  # request of each draft token
