@@ -33,7 +33,7 @@ class BenchConfig(BaseModel):
     compare_transformers: bool = True
     cost_curve: bool = True
     threads: int | None = None
-    output: str = "bench.json"
+    output: str = "results/bench.json"
 
 
 def _median(xs: list[float]) -> float:

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     bench.add_argument("--no-cost-curve", action="store_true", help="skip the verify cost curve")
     bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument("--output", default="bench.json")
+    bench.add_argument("--output", default="results/bench.json")
     bench.set_defaults(func=_bench)
     return parser
 

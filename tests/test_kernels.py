@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels import small_m_linear
+from dspark.kernels import native_ops, small_m_linear
 from dspark.models.linear import SMALL_M_ROWS, Linear
 
 op = small_m_linear()
@@ -45,3 +45,24 @@ def test_linear_layer_every_path_matches(rows: int, bias: bool) -> None:
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
     layer.unpack()
     torch.testing.assert_close(layer(x), expected)
+
+
+ops = native_ops()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rms_norm_rows_matches_f_rms_norm(rows: int) -> None:
+    x = torch.randn(rows, 576) * torch.logspace(-2, 3, rows)[:, None]  # sink-token magnitudes included
+    w = torch.randn(576)
+    torch.testing.assert_close(ops.rms_norm_rows(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [1, 7, 200, 1024])
+def test_decode_attention_matches_softmax_attention(length: int) -> None:
+    """One query per head group against the first `length` rows of a cache slot (the rest is ignored)."""
+    q, k, v = torch.randn(3, 3, 64), torch.randn(3, 1024, 64), torch.randn(3, 1024, 64)
+    scores = q @ k[:, :length].transpose(1, 2) / 8.0
+    expected = torch.softmax(scores, dim=-1) @ v[:, :length]
+    torch.testing.assert_close(ops.decode_attention(q, k, v, length), expected, rtol=1e-5, atol=1e-5)

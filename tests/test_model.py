@@ -361,3 +361,17 @@ def test_loader_reads_eos_from_generation_config(tiny_models, tmp_path):
             (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert load_transformer(tmp_path).cfg.eos_token_ids == (2, 7)
+
+
+@pytest.mark.slow
+def test_gguf_file_converts_once_and_matches_default(tmp_path, monkeypatch, default_model):
+    """A .gguf path is dequantized into the cache on first use, then loaded like any folder (~25 s)."""
+    from dspark.models.default import default_gguf_path
+    from dspark.models.loader import resolve_model_dir
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    folder = resolve_model_dir(default_gguf_path())
+    assert folder.is_relative_to(tmp_path) and (folder / "model.safetensors").exists()
+    assert resolve_model_dir(default_gguf_path()) == folder  # cached: no second conversion
+    model = load_transformer(default_gguf_path())
+    torch.testing.assert_close(model.embed, default_model.embed)

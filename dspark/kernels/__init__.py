@@ -9,18 +9,33 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from dspark.models.default import cache_root
+
 log = logging.getLogger(__name__)
 _SOURCE_DIR = Path(__file__).parent
+_STALE_LOCK_SECONDS = 600
+
+
+def _build_dir(name: str) -> Path:
+    """A per-torch-version build folder; a lock left by a killed build is cleared (torch would wait on it)."""
+    path = cache_root() / "kernels" / f"torch-{torch.__version__}" / name
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
+    return path
 
 
 @functools.cache
-def small_m_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """`op(x [M, K], w [N, K]) -> x @ w.T` tuned for small M (fp32), or None when unavailable."""
+def native_ops() -> ModuleType | None:
+    """The compiled CPU kernels (`small_m_linear`, `rms_norm_rows`, `decode_attention`), or None."""
     if os.environ.get("DSPARK_NATIVE_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -28,15 +43,21 @@ def small_m_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | N
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(
-            name="dspark_small_m_linear",
-            sources=[str(_SOURCE_DIR / "small_m_linear.cpp")],
-            # -fopenmp: at::parallel_for is header code; without it the kernel runs on one thread.
+        return load(
+            name="dspark_cpu_kernels",
+            sources=[str(_SOURCE_DIR / f) for f in ("bindings.cpp", "small_m_linear.cpp", "decode_ops.cpp")],
+            build_directory=str(_build_dir("cpu_kernels")),
+            # -fopenmp: at::parallel_for is header code; without it the kernels run on one thread.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # any toolchain problem: fall back, never fail serving
-        log.warning("native small-M linear kernel unavailable (%s); using oneDNN", err)
+        log.warning("native CPU kernels unavailable (%s); using PyTorch/oneDNN ops", err)
         return None
-    return module.small_m_linear
+
+
+def small_m_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """`op(x [M, K], w [N, K]) -> x @ w.T` tuned for small M (fp32), or None when unavailable."""
+    ops = native_ops()
+    return None if ops is None else ops.small_m_linear

@@ -63,7 +63,3 @@ torch::Tensor small_m_linear(const torch::Tensor& x_in, const torch::Tensor& w) 
   });
   return y;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_m_linear", &small_m_linear, "x @ w.T for few rows of x (fp32, AVX2)");
-}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.kernels import native_ops
 from dspark.models.config import ModelConfig
 from dspark.models.kv_cache import KVCache
 from dspark.models.linear import Linear
@@ -57,6 +59,16 @@ def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
 # above it (long prefill chunks) SDPA's blocked kernel keeps memory bounded.
 _SMALL_QUERY_TOKENS = 64
 _UNUSED = torch.empty(())  # baddbmm's ignored input when beta == 0
+# Rows up to which the native RMSNorm (one call) beats F.rms_norm's several dispatched ops.
+_NATIVE_NORM_ROWS = 64
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, native: ModuleType | None = None
+) -> torch.Tensor:
+    if native is not None and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= _NATIVE_NORM_ROWS:
+        return native.rms_norm_rows(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -81,6 +93,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.wqkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.wo = Linear(cfg.q_size, cfg.hidden_size)
+        self.native = None  # compiled CPU kernels, set by Transformer.pack_weights
         if cfg.qk_norm:
             self.q_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
             self.k_norm = nn.Parameter(torch.ones(cfg.head_dim), requires_grad=False)
@@ -124,8 +137,8 @@ class Attention(nn.Module):
             offset += n
         return self.wo(out.view(T, H * d))
 
-    @staticmethod
     def _attend_one(
+        self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -140,8 +153,21 @@ class Attention(nn.Module):
         end = start + n
         k_slot[:, start:end] = k.transpose(0, 1)
         v_slot[:, start:end] = v.transpose(0, 1)
+        if start == 0 and n > _SMALL_QUERY_TOKENS:  # a whole prompt: SDPA's causal kernel skips masked blocks
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k_slot[None, :, :n],
+                v_slot[None, :, :n],
+                is_causal=True,
+                enable_gqa=True,
+            )
+            return out[0].transpose(0, 1).reshape(n, Hkv, group, d)
         # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
         if n == 1:
+            if self.native is not None and q.dtype == torch.float32:
+                return self.native.decode_attention(q.view(Hkv, group, d), k_slot, v_slot, end).view(
+                    1, Hkv, group, d
+                )
             out = _attend(q.view(Hkv, group, d), k_slot[:, :end], v_slot[:, :end], mask)
             return out.view(1, Hkv, group, d)
         q = q.view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
@@ -168,11 +194,13 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
+        self.native = None
 
     def forward(self, x, cos, sin, layout, k_slots, v_slots) -> torch.Tensor:
-        shape = (x.shape[-1],)
-        h = x + self.attn(F.rms_norm(x, shape, self.attn_norm, self.eps), cos, sin, layout, k_slots, v_slots)
-        return h + self.mlp(F.rms_norm(h, shape, self.mlp_norm, self.eps))
+        h = x + self.attn(
+            rms_norm(x, self.attn_norm, self.eps, self.native), cos, sin, layout, k_slots, v_slots
+        )
+        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps, self.native))
 
 
 @dataclass
@@ -189,6 +217,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.native = None
         cos, sin = self.rope_buffers(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -205,9 +234,14 @@ class Transformer(nn.Module):
         return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, self.embed.dtype)
 
     def pack_weights(self) -> None:
+        """Switch to the fastest CPU kernels: packed / native matmuls, native norm and decode attention."""
+        native = native_ops() if self.embed.device.type == "cpu" else None
+        self.native = native
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
+            elif isinstance(module, (Attention, DecoderLayer)):
+                module.native = native
 
     def layout(self, slots: Sequence[int], starts: Sequence[int], num_new: Sequence[int]) -> BatchLayout:
         layout = BatchLayout(list(slots), list(starts), list(num_new))
@@ -249,5 +283,5 @@ class Transformer(nn.Module):
             cache.lengths[slot] = start + n
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
-        logits = self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps))
+        logits = self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps, self.native))
         return ForwardOutput(logits=logits, hidden=hidden)

@@ -1,0 +1,12 @@
+#include <torch/extension.h>
+
+torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               int64_t length);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_m_linear", &small_m_linear, "x @ w.T for few rows of x (fp32, AVX2)");
+  m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm of each row (fp32)");
+  m.def("decode_attention", &decode_attention, "attention of one token against its cache slot (fp32)");
+}

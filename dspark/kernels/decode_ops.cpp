@@ -1,0 +1,74 @@
+// Small fused ops of a decode step, where PyTorch's per-op dispatch costs more than the arithmetic:
+// RMSNorm over a few rows, and attention of one new token against its KV-cache slot.
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+// y = x / sqrt(mean(x^2) + eps) * w, row by row (fp32).
+torch::Tensor rms_norm_rows(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 2 && w.size(0) == x_in.size(1));
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), dim = x.size(1);
+  torch::Tensor y = torch::empty_like(x);
+  const float* X = x.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = X + r * dim;
+    float* yr = Y + r * dim;
+    double sum_sq = 0.0;  // double: hidden states of sink tokens reach 1e3+, a float running sum drifts
+    for (int64_t i = 0; i < dim; ++i) sum_sq += static_cast<double>(xr[i]) * xr[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sum_sq / dim) + static_cast<float>(eps));
+    for (int64_t i = 0; i < dim; ++i) yr[i] = W[i] * (xr[i] * inv);
+  }
+  return y;
+}
+
+// One query token: q [kv_heads, group, d] against k, v [kv_heads, >= length, d] (rows contiguous).
+torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
+                               int64_t length) {
+  TORCH_CHECK(q_in.scalar_type() == torch::kFloat32 && q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3);
+  const torch::Tensor q = q_in.contiguous();
+  const int64_t heads = q.size(0), group = q.size(1), d = q.size(2);
+  TORCH_CHECK(d % 8 == 0 && k.stride(2) == 1 && v.stride(2) == 1 && k.size(1) >= length && length > 0);
+  TORCH_CHECK(k.stride(1) == d && v.stride(1) == d, "cache rows must be contiguous");
+  torch::Tensor out = torch::zeros_like(q);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> p(length);
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* K = k.data_ptr<float>() + h * k.stride(0);
+    const float* V = v.data_ptr<float>() + h * v.stride(0);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qv = q.data_ptr<float>() + (h * group + g) * d;
+      float* o = out.data_ptr<float>() + (h * group + g) * d;
+      float max_score = -INFINITY;
+      for (int64_t j = 0; j < length; ++j) {
+        p[j] = dot(qv, K + j * d, d) * scale;
+        max_score = std::max(max_score, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
+      for (int64_t j = 0; j < length; ++j) {
+        const float pj = p[j] / total;
+        const float* vj = V + j * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += pj * vj[i];
+      }
+    }
+  }
+  return out;
+}
