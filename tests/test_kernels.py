@@ -59,10 +59,14 @@ def test_rms_norm_rows_matches_f_rms_norm(rows: int) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("length", [1, 7, 200, 1024])
-def test_decode_attention_matches_softmax_attention(length: int) -> None:
-    """One query per head group against the first `length` rows of a cache slot (the rest is ignored)."""
-    q, k, v = torch.randn(3, 3, 64), torch.randn(3, 1024, 64), torch.randn(3, 1024, 64)
-    scores = q @ k[:, :length].transpose(1, 2) / 8.0
-    expected = torch.softmax(scores, dim=-1) @ v[:, :length]
-    torch.testing.assert_close(ops.decode_attention(q, k, v, length), expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(("start", "n"), [(0, 1), (6, 1), (199, 1), (1023, 1), (0, 5), (40, 8), (100, 3)])
+def test_block_attention_matches_masked_softmax_attention(start: int, n: int) -> None:
+    """Rows stack 3 query heads x n tokens per KV head; token j sees keys [0, start + j], no later ones."""
+    group = 3
+    q, k, v = torch.randn(3, group * n, 64), torch.randn(3, 1024, 64), torch.randn(3, 1024, 64)
+    end = start + n
+    scores = q @ k[:, :end].transpose(1, 2) / 8.0
+    token = torch.arange(group * n) % n
+    scores = scores.masked_fill(torch.arange(end)[None, :] > (start + token)[:, None], float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ v[:, :end]
+    torch.testing.assert_close(ops.block_attention(q, k, v, start, n), expected, rtol=1e-5, atol=1e-5)

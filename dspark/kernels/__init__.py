@@ -35,7 +35,7 @@ def _build_dir(name: str) -> Path:
 
 @functools.cache
 def native_ops() -> ModuleType | None:
-    """The compiled CPU kernels (`small_m_linear`, `rms_norm_rows`, `decode_attention`), or None."""
+    """The compiled CPU kernels (`small_m_linear`, `rms_norm_rows`, `block_attention`), or None."""
     if os.environ.get("DSPARK_NATIVE_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

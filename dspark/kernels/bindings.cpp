@@ -2,11 +2,11 @@
 
 torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               int64_t length);
+torch::Tensor block_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              int64_t start, int64_t n);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_linear", &small_m_linear, "x @ w.T for few rows of x (fp32, AVX2)");
   m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm of each row (fp32)");
-  m.def("decode_attention", &decode_attention, "attention of one token against its cache slot (fp32)");
+  m.def("block_attention", &block_attention, "attention of a few new tokens against their cache slot (fp32)");
 }

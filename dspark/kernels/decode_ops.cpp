@@ -39,23 +39,27 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x_in, const torch::Tensor& w, d
   return y;
 }
 
-// One query token: q [kv_heads, group, d] against k, v [kv_heads, >= length, d] (rows contiguous).
-torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
-                               int64_t length) {
+// Attention of a short block of new tokens against its KV-cache slot. q [kv_heads, rows, d] stacks, per KV
+// head, the query heads sharing it: row r is query token r % n, which sees keys [0, start + r % n].
+// k, v: [kv_heads, >= start + n, d] with contiguous rows.
+torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k, const torch::Tensor& v,
+                              int64_t start, int64_t n) {
   TORCH_CHECK(q_in.scalar_type() == torch::kFloat32 && q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3);
   const torch::Tensor q = q_in.contiguous();
-  const int64_t heads = q.size(0), group = q.size(1), d = q.size(2);
-  TORCH_CHECK(d % 8 == 0 && k.stride(2) == 1 && v.stride(2) == 1 && k.size(1) >= length && length > 0);
-  TORCH_CHECK(k.stride(1) == d && v.stride(1) == d, "cache rows must be contiguous");
+  const int64_t heads = q.size(0), rows = q.size(1), d = q.size(2);
+  TORCH_CHECK(n > 0 && rows % n == 0 && d % 8 == 0 && k.size(1) >= start + n && v.size(1) >= start + n);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == d && v.stride(1) == d,
+              "cache rows must be contiguous");
   torch::Tensor out = torch::zeros_like(q);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> p(length);
+  std::vector<float> p(start + n);
   for (int64_t h = 0; h < heads; ++h) {
     const float* K = k.data_ptr<float>() + h * k.stride(0);
     const float* V = v.data_ptr<float>() + h * v.stride(0);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qv = q.data_ptr<float>() + (h * group + g) * d;
-      float* o = out.data_ptr<float>() + (h * group + g) * d;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t length = start + r % n + 1;
+      const float* qv = q.data_ptr<float>() + (h * rows + r) * d;
+      float* o = out.data_ptr<float>() + (h * rows + r) * d;
       float max_score = -INFINITY;
       for (int64_t j = 0; j < length; ++j) {
         p[j] = dot(qv, K + j * d, d) * scale;

@@ -164,14 +164,15 @@ class Attention(nn.Module):
             return out[0].transpose(0, 1).reshape(n, Hkv, group, d)
         # Stack the query heads sharing a KV head as extra query rows: GQA without repeating K/V.
         if n == 1:
-            if self.native is not None and q.dtype == torch.float32:
-                return self.native.decode_attention(q.view(Hkv, group, d), k_slot, v_slot, end).view(
-                    1, Hkv, group, d
-                )
-            out = _attend(q.view(Hkv, group, d), k_slot[:, :end], v_slot[:, :end], mask)
+            q = q.view(Hkv, group, d)
+        else:
+            q = q.view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
+        if self.native is not None and q.dtype == torch.float32 and n == 1:  # measured: bmm wins for n > 1
+            out = self.native.block_attention(q, k_slot, v_slot, start, n)
+        else:
+            out = _attend(q, k_slot[:, :end], v_slot[:, :end], mask)
+        if n == 1:
             return out.view(1, Hkv, group, d)
-        q = q.view(n, Hkv, group, d).permute(1, 2, 0, 3).reshape(Hkv, group * n, d)
-        out = _attend(q, k_slot[:, :end], v_slot[:, :end], mask)
         return out.view(Hkv, group, n, d).permute(2, 0, 1, 3)
 
 
