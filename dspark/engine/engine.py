@@ -12,7 +12,6 @@ Draft length 0 is plain decoding through the same path.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,7 +74,6 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SpecStats()
-        self.forward_seconds = 0.0
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -200,10 +198,8 @@ class Engine:
             [s.request.num_cached for s in scheduled],
             [len(s.chunk) + (len(s.draft.tokens) if s.draft else 0) for s in scheduled],
         )
-        began = time.perf_counter()
         rows = torch.tensor(logit_rows, dtype=torch.long)  # empty when the step only feeds prompt chunks
         out = self.model(torch.tensor(tokens), layout, self.cache, rows)
-        self.forward_seconds += time.perf_counter() - began
         for s in scheduled:
             if not s.final:  # a prompt chunk: everything it fed stays cached
                 s.request.num_cached += len(s.chunk)
@@ -242,8 +238,9 @@ class Engine:
         r.pending = [new_tokens[-1]]
         emitted = self._append_tokens(r, new_tokens)
         # Count accepted drafts that reach the output (not those past EOS): tau is what users get per step.
-        r.stats.record(drafted, min(accepted, len(emitted) - 1))
-        self.stats.record(drafted, min(accepted, len(emitted) - 1))
+        accepted_in_output = min(accepted, len(emitted) - 1)
+        r.stats.record(drafted, accepted_in_output)
+        self.stats.record(drafted, accepted_in_output)
         text, stopped = r.stop_matcher.feed(r.detokenizer.push(emitted))
         if stopped:
             r.finish_reason = "stop"

@@ -38,10 +38,6 @@ class BatchLayout:
         )
         self.masks = [None] * len(self.slots)  # filled per model: they depend on the GQA group size
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new)
-
 
 def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
     """Additive mask for `group` stacked query heads of `n` new tokens over `start + n` keys.

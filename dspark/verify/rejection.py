@@ -73,7 +73,8 @@ def verify(
 ) -> VerifyResult:
     """Accept a prefix of each request's draft and append one correction (or bonus) token.
 
-    target_probs: [sum(k_i + 1), V] processed target distributions (one-hot rows for greedy requests).
+    target_probs: [sum(k_i + 1), V] processed target distributions (one-hot rows for greedy requests);
+    an all-greedy batch may pass raw logits, since only their argmax is read.
     draft_tokens: int64 [sum k_i]. draft_probs: [sum k_i, V] distributions the drafts were sampled from,
     or None for deterministic drafts (q is one-hot at the draft token).
     """
