@@ -11,6 +11,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
@@ -30,6 +31,7 @@ class BenchConfig(BaseModel):
     max_tokens: int = Field(128, ge=1)
     model: str = "default"
     gammas: list[int] = [4]
+    drafters: list[str] = []  # DSpark drafter folders ('default': the shipped one), each at its block size
     compare_transformers: bool = True
     cost_curve: bool = True
     threads: int | None = None
@@ -85,6 +87,10 @@ def _ratio(rows: list[dict], num: str, den: str) -> float:
     return round(_median([r[den]["seconds"] / r[num]["seconds"] for r in rows]), 3)
 
 
+def _drafter_label(drafter: str) -> str:
+    return "dspark" if drafter == "default" else f"dspark_{Path(drafter).name}"
+
+
 def cost_curve(model: Transformer, context: int = 256, reps: int = 9) -> dict:
     """Median ms of one target forward: 1 request with n new tokens, and b requests with 1 token each."""
     new_tokens, batch_sizes = [1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16]
@@ -124,17 +130,20 @@ def run_bench(config: BenchConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     records = load_prompts(config.prompts, config.num_prompts)
 
-    def engine(proposer: str, gamma: int) -> Engine:
+    def engine(proposer: str, gamma: int, drafter: str = "default") -> Engine:
         cfg = EngineConfig(
             model=config.model, proposer=proposer, num_speculative_tokens=gamma, max_batch_size=1,
-            max_model_len=4096,
+            max_model_len=4096, drafter=drafter,
         )  # fmt: skip
         return Engine(cfg, model=model, tokenizer=tokenizer)
 
     plain = engine("none", 0)
     runners: dict[str, Callable[[list[int]], list[int]]] = {"plain": _engine_runner(plain, config.max_tokens)}
-    ngram_engines = {f"ngram_g{g}": engine("ngram", g) for g in config.gammas}
-    runners |= {name: _engine_runner(e, config.max_tokens) for name, e in ngram_engines.items()}
+    spec_engines = {f"ngram_g{g}": engine("ngram", g) for g in config.gammas}
+    spec_engines |= {
+        _drafter_label(d): engine("dspark", 64, d) for d in config.drafters
+    }  # capped at the block size
+    runners |= {name: _engine_runner(e, config.max_tokens) for name, e in spec_engines.items()}
     if config.compare_transformers:
         runners["transformers"] = _transformers_runner(
             str(resolve_model_dir(config.model)), config.max_tokens
@@ -164,7 +173,7 @@ def run_bench(config: BenchConfig) -> dict:
         "methods": {name: _method_summary(rows, name) for name in runners},
         "speedup_vs_plain": {name: _ratio(rows, name, "plain") for name in runners if name != "plain"},
         "identical_outputs": sum(r["identical_outputs"] for r in rows),
-        "ngram": {name: e.stats.summary() for name, e in ngram_engines.items()},
+        "speculation": {name: e.stats.summary() for name, e in spec_engines.items()},
     }
     if config.compare_transformers:
         report["speedup_vs_transformers"] = {

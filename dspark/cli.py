@@ -5,13 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+DEFAULT_GAMMA = {"dspark": 7, "ngram": 4, "none": 0}
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, proposer: str = "dspark") -> None:
     p.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
-    p.add_argument("--proposer", choices=["none", "ngram"], default="ngram")
-    p.add_argument("--gamma", type=int, default=4, help="draft length (0 = plain decoding)")
+    p.add_argument("--proposer", choices=["none", "ngram", "dspark"], default=proposer)
+    p.add_argument("--drafter", default="default", help="DSpark drafter folder ('default': the shipped one)")
+    p.add_argument("--gamma", type=int, default=None, help="draft length (0 = plain decoding; default: "
+                   "7 for dspark, 4 for ngram)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _engine_config(args: argparse.Namespace, **overrides):
+    from dspark.engine import EngineConfig
+
+    gamma = args.gamma if args.gamma is not None else DEFAULT_GAMMA[args.proposer]
+    return EngineConfig(
+        model=args.model, proposer=args.proposer, drafter=args.drafter, num_speculative_tokens=gamma,
+        num_threads=args.threads, **overrides,
+    )  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -23,13 +38,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dspark.engine import Engine, EngineConfig
+    from dspark.engine import Engine
     from dspark.sampling import SamplingParams
 
-    config = EngineConfig(
-        model=args.model, proposer=args.proposer, num_speculative_tokens=args.gamma,
-        num_threads=args.threads, max_batch_size=1, max_model_len=4096,
-    )  # fmt: skip
+    config = _engine_config(args, max_batch_size=1, max_model_len=4096)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
@@ -59,9 +71,46 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         prompts=args.prompts, num_prompts=args.num_prompts, max_tokens=args.max_tokens, model=args.model,
         gammas=args.gammas, compare_transformers=not args.no_transformers, cost_curve=not args.no_cost_curve,
-        threads=args.threads, output=args.output,
+        threads=args.threads, output=args.output, drafters=args.drafters,
     )  # fmt: skip
     run_bench(config)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    import yaml
+
+    from dspark.drafters.dspark.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    for key in ("output", "epochs", "max_minutes", "num_prompts", "threads"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.no_markov:
+        values["markov_head"] = False
+    print(train(TrainConfig.model_validate(values)))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import logging
+
+    from dspark.evaluate import EvalConfig, run_eval
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = EvalConfig(
+        prompts=args.prompts, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+        temperatures=args.temperatures, output=args.output,
+        engine=_engine_config(args, max_batch_size=args.batch_size, max_model_len=4096),
+    )  # fmt: skip
+    report = run_eval(config)
+    for result in report["results"]:
+        domains = {d: s["tau"] for d, s in result["by_domain"].items()}
+        print(f"T={result['temperature']:g}: tau {result['tau']:.3f}, macro over domains "
+              f"{result['tau_macro_domains']:.3f}, {domains}")  # fmt: skip
     return 0
 
 
@@ -86,7 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cost-curve", action="store_true", help="skip the verify cost curve")
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--output", default="results/bench.json")
+    bench.add_argument("--drafters", nargs="*", default=[], help="DSpark drafter folders to compare "
+                       "('default': the shipped one)")  # fmt: skip
     bench.set_defaults(func=_bench)
+
+    tr = sub.add_parser("train", help="train a DSpark drafter (data generation, training, calibration)")
+    tr.add_argument("--config", default=None, help="YAML TrainConfig (e.g. configs/drafter_smollm2.yaml)")
+    tr.add_argument("--output", default=None)
+    tr.add_argument("--epochs", type=float, default=None)
+    tr.add_argument("--max-minutes", type=float, default=None)
+    tr.add_argument("--num-prompts", type=int, default=None)
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--no-markov", action="store_true", help="ablation: no Markov head (parallel drafter)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="accepted length tau per dataset/domain; writes JSON and a PNG")
+    _engine_args(ev)
+    ev.add_argument("--prompts", default=None, help="JSONL prompt file (default: shared dev prompts)")
+    ev.add_argument("--num-prompts", type=int, default=None)
+    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--output", default="results/eval.json")
+    ev.set_defaults(func=_eval)
     return parser
 
 

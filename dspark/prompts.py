@@ -32,7 +32,7 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records = [
-        PromptRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()
+        PromptRecord.model_validate_json(line) for line in path.read_text().split("\n") if line.strip()
     ]
     if limit is None or limit >= len(records):
         return records

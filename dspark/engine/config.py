@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ProposerName = Literal["none", "ngram"]
+ProposerName = Literal["none", "ngram", "dspark"]
+
+# The DSpark drafter shipped for the default target (SmolLM2-135M-Instruct).
+SHIPPED_DRAFTER = (
+    Path(__file__).resolve().parents[1] / "drafters" / "dspark" / "checkpoints" / "smollm2-135m-instruct"
+)
+
+
+def resolve_drafter_dir(drafter: str) -> Path:
+    path = SHIPPED_DRAFTER if drafter == "default" else Path(drafter)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no DSpark drafter checkpoint at {path}")
+    return path
 
 
 class NgramConfig(BaseModel):
@@ -32,6 +45,9 @@ class EngineConfig(BaseModel):
     proposer: ProposerName = "ngram"
     num_speculative_tokens: int = Field(4, ge=0, le=64, description="draft length gamma; 0 = plain decoding")
     ngram: NgramConfig = NgramConfig()
+    drafter: str = Field(
+        "default", description="DSpark drafter checkpoint folder ('default': the shipped one)"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave as is)")
     pack_weights: bool = Field(True, description="oneDNN-packed linear weights on CPU")
 

@@ -18,21 +18,25 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.engine.config import EngineConfig
+from dspark.engine.config import EngineConfig, resolve_drafter_dir
 from dspark.engine.request import Request, RequestOutput
 from dspark.engine.stats import SpecStats
 from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
-from dspark.proposers import Draft, NgramProposer, Proposer
+from dspark.proposers import Draft, NgramProposer, Proposer, TargetObserver, observed_layers
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
 from dspark.verify import verify
 
 
-def build_proposer(config: EngineConfig) -> Proposer | None:
+def build_proposer(config: EngineConfig, model: Transformer) -> Proposer | None:
     if not config.speculative:
         return None
     if config.proposer == "ngram":
         return NgramProposer(config.ngram.min_n, config.ngram.max_n, config.num_speculative_tokens)
+    if config.proposer == "dspark":
+        from dspark.drafters.dspark.proposer import DSparkProposer
+
+        return DSparkProposer.load(resolve_drafter_dir(config.drafter), model)
     raise ValueError(f"unknown proposer {config.proposer!r}")
 
 
@@ -45,12 +49,20 @@ def _truncated(draft: Draft, k: int) -> Draft:
     return Draft(draft.tokens[:k], probs, confidences)
 
 
+def _draft_distribution(draft: Draft, vocab: int) -> torch.Tensor:
+    """The distributions a draft was sampled from; one-hot rows for a deterministic draft."""
+    if draft.probs is not None:
+        return draft.probs
+    return torch.zeros(len(draft.tokens), vocab).scatter_(1, torch.tensor(draft.tokens)[:, None], 1.0)
+
+
 @dataclass
 class _Scheduled:
     request: Request
     chunk: list[int]  # tokens from `pending` fed this step
     final: bool  # the chunk completes the pending tokens: the step samples a token for this request
     draft: Draft | None = None
+    first_row: int = 0  # where this request's tokens start in the step's flattened batch
 
 
 class Engine:
@@ -60,13 +72,20 @@ class Engine:
         model: Transformer | None = None,
         tokenizer=None,
         proposer: Proposer | None = None,
+        observers: Sequence[TargetObserver] = (),
     ) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model = model if model is not None else load_transformer(config.model, pack=config.pack_weights)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-        self.proposer = proposer if proposer is not None else build_proposer(config)
+        self.proposer = proposer if proposer is not None else build_proposer(config, self.model)
+        # Whoever conditions on the target's hidden states (a DSpark drafter, a training-data recorder).
+        self.observers: list[TargetObserver] = list(observers)
+        if observed_layers(self.proposer):
+            self.observers.append(self.proposer)  # type: ignore[arg-type]
+        self.hidden_layers = sorted({layer for o in self.observers for layer in observed_layers(o)})
+        self._features: dict[int, torch.Tensor] = {}
         self.cache = self.model.new_cache(config.max_batch_size, config.max_model_len)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -142,6 +161,11 @@ class Engine:
         scheduled = self._schedule()
         self._propose([s for s in scheduled if s.final])
         logits = self._forward(scheduled)
+        for s in scheduled:
+            if not s.final:  # a prompt chunk: everything it fed stays cached
+                self._observe(s.request, s.first_row, len(s.chunk))
+                s.request.num_cached += len(s.chunk)
+                del s.request.pending[: len(s.chunk)]
         finals = [s for s in scheduled if s.final]
         outputs = self._verify_and_commit(finals, logits) if finals else []
         self.running = [r for r in self.running if not r.finished]
@@ -189,22 +213,27 @@ class Engine:
         logit_rows: list[int] = []
         for s in scheduled:
             draft_tokens = s.draft.tokens if s.draft else []
-            start = len(tokens)
+            s.first_row = len(tokens)
             tokens += s.chunk + draft_tokens
             if s.final:
-                logit_rows += range(start + len(s.chunk) - 1, len(tokens))
+                logit_rows += range(s.first_row + len(s.chunk) - 1, len(tokens))
         layout = self.model.layout(
             [s.request.slot for s in scheduled],
             [s.request.num_cached for s in scheduled],
             [len(s.chunk) + (len(s.draft.tokens) if s.draft else 0) for s in scheduled],
         )
         rows = torch.tensor(logit_rows, dtype=torch.long)  # empty when the step only feeds prompt chunks
-        out = self.model(torch.tensor(tokens), layout, self.cache, rows)
-        for s in scheduled:
-            if not s.final:  # a prompt chunk: everything it fed stays cached
-                s.request.num_cached += len(s.chunk)
-                del s.request.pending[: len(s.chunk)]
+        out = self.model(torch.tensor(tokens), layout, self.cache, rows, self.hidden_layers)
+        self._features = out.hidden
         return out.logits
+
+    def _observe(self, request: Request, first_row: int, num_rows: int) -> None:
+        """Show observers the hidden states of rows just committed to the request's cache."""
+        for observer in self.observers:
+            rows = [
+                self._features[layer][first_row : first_row + num_rows] for layer in observer.hidden_layers
+            ]
+            observer.observe(request, torch.cat(rows, dim=-1))
 
     def _verify_and_commit(self, finals: list[_Scheduled], logits: torch.Tensor) -> list[RequestOutput]:
         drafts = [s.draft.tokens if s.draft else [] for s in finals]
@@ -216,8 +245,11 @@ class Engine:
             logits if all(greedy) else processed_probs(logits, *params_tensors(params, [k + 1 for k in lens]))
         )
         draft_probs = None
-        if self.proposer is not None and not self.proposer.deterministic and sum(lens):
-            draft_probs = torch.cat([s.draft.probs for s in finals if s.draft and s.draft.tokens])
+        if not all(greedy) and any(s.draft is not None and s.draft.probs is not None for s in finals):
+            vocab = logits.shape[-1]
+            draft_probs = torch.cat(
+                [_draft_distribution(s.draft, vocab) for s in finals if s.draft and s.draft.tokens]
+            )
         result = verify(
             target_probs,
             torch.tensor([t for d in drafts for t in d], dtype=torch.long),
@@ -233,6 +265,7 @@ class Engine:
 
     def _commit(self, s: _Scheduled, drafted: int, accepted: int, new_tokens: list[int]) -> RequestOutput:
         r = s.request
+        self._observe(r, s.first_row, len(s.chunk) + accepted)
         r.num_cached += len(s.chunk) + accepted  # the accepted drafts are cached; the new token is not
         self.cache.rollback(r.slot, r.num_cached)
         r.pending = [new_tokens[-1]]
@@ -270,6 +303,8 @@ class Engine:
         if r.slot is not None:
             self.cache.free(r.slot)
             r.slot = None
+        for observer in self.observers:
+            observer.release(r)
 
     # ---- conveniences -----------------------------------------------------------------------------------
 

@@ -57,4 +57,10 @@ class SpecStats(BaseModel):
             "tau": round(self.tau, 4),
             "acceptance_rate": round(self.acceptance_rate, 4),
             "conditional_acceptance": [round(x, 4) for x in self.conditional_acceptance()],
+            "drafted_at": list(self.drafted_at),
+            "accepted_at": list(self.accepted_at),
         }
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> SpecStats:
+        return cls(**{k: summary[k] for k in ("steps", "drafted", "accepted", "drafted_at", "accepted_at")})

@@ -1,6 +1,6 @@
 """Draft proposers: model-free prompt lookup, and (later) draft models."""
 
-from dspark.proposers.base import Draft, DraftRequest, Proposer
+from dspark.proposers.base import Draft, DraftRequest, Proposer, TargetObserver, observed_layers
 from dspark.proposers.ngram import NgramProposer
 
-__all__ = ["Draft", "DraftRequest", "NgramProposer", "Proposer"]
+__all__ = ["Draft", "DraftRequest", "NgramProposer", "Proposer", "TargetObserver", "observed_layers"]

@@ -29,16 +29,42 @@ class DraftRequest(Protocol):
     """What a proposer may read of a running request."""
 
     @property
+    def request_id(self) -> str: ...
+
+    @property
     def token_ids(self) -> Sequence[int]: ...  # prompt followed by every generated token
 
     @property
     def params(self) -> SamplingParams: ...
 
+    generator: torch.Generator | None  # the request's own RNG (seeded requests), shared with verification
+
 
 class Proposer(Protocol):
     name: str
-    deterministic: bool  # True: drafts carry no probs, verification treats them as one-hot
 
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
         """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed)."""
         ...
+
+
+class TargetObserver(Protocol):
+    """Receives the target's hidden states of every position the engine commits to a request's cache.
+
+    Rows arrive in position order and only once: prompt chunks whole, verification blocks up to the last
+    accepted draft token (rejected rows are never shown). `features` concatenates the outputs of
+    `hidden_layers` in the order given. Draft models conditioned on the target (DSpark) are observers.
+    """
+
+    hidden_layers: tuple[int, ...]
+
+    def observe(self, request: DraftRequest, features: torch.Tensor) -> None: ...
+
+    def release(self, request: DraftRequest) -> None:
+        """The request finished or was aborted: drop its state."""
+        ...
+
+
+def observed_layers(observer: object) -> tuple[int, ...]:
+    """The target layers an object wants to observe (none for model-free proposers)."""
+    return tuple(getattr(observer, "hidden_layers", ()))

@@ -46,7 +46,6 @@ class NgramProposer:
     """Stateless prompt-lookup drafter; one instance serves every request."""
 
     name = "ngram"
-    deterministic = True
 
     def __init__(self, min_n: int = 1, max_n: int = 4, max_draft: int = 8) -> None:
         if not 1 <= min_n <= max_n:

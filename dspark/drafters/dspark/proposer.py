@@ -1,0 +1,158 @@
+"""The DSpark drafter as an engine proposer (`proposer: dspark`).
+
+It observes the target's hidden states of every committed position and keeps, per request, the injected
+context keys/values of each draft layer (growing with accepted tokens, never rolled back: the engine only
+shows committed rows). A propose call runs the parallel backbone once for all requests, then the Markov
+head samples left to right; each token comes with its draft distribution (sampled requests, for lossless
+rejection sampling) and its calibrated confidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dspark.drafters.dspark.calibration import Calibration
+from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
+from dspark.drafters.dspark.model import DSparkDrafter
+from dspark.models.llama import Transformer
+from dspark.proposers.base import Draft, DraftRequest
+from dspark.sampling import params_tensors, processed_probs
+
+
+class _Context:
+    """One request's injected keys/values per draft layer, in growable buffers."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        n = kv[0][0].shape[0]
+        if not self.buffers or self.length + n > self.buffers[0][0].shape[0]:
+            self._grow(max(2 * (self.length + n), 256), kv)
+        for (k_buf, v_buf), (k, v) in zip(self.buffers, kv, strict=True):
+            k_buf[self.length : self.length + n] = k
+            v_buf[self.length : self.length + n] = v
+        self.length += n
+
+    def _grow(self, capacity: int, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        grown = []
+        for i, (k, _) in enumerate(like):
+            k_buf = k.new_empty(capacity, *k.shape[1:])
+            v_buf = k.new_empty(capacity, *k.shape[1:])
+            if self.buffers:
+                k_buf[: self.length] = self.buffers[i][0][: self.length]
+                v_buf[: self.length] = self.buffers[i][1][: self.length]
+            grown.append((k_buf, v_buf))
+        self.buffers = grown
+
+    def view(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[: self.length], v[: self.length]) for k, v in self.buffers]
+
+
+class DSparkProposer:
+    name = "dspark"
+
+    def __init__(self, drafter: DSparkDrafter, calibration: Calibration | None = None) -> None:
+        self.drafter = drafter.eval()
+        self.calibration = calibration
+        self.hidden_layers = tuple(drafter.cfg.target_layers)
+        self.block_size = drafter.cfg.block_size
+        self.contexts: dict[str, _Context] = {}
+
+    @classmethod
+    def load(cls, directory: str | Path, target: Transformer) -> DSparkProposer:
+        return cls(load_drafter(directory, target), load_calibration(directory))
+
+    # ---- observer ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def observe(self, request: DraftRequest, features: torch.Tensor) -> None:
+        context = self.contexts.setdefault(request.request_id, _Context())
+        positions = torch.arange(context.length, context.length + len(features))
+        kv = self.drafter.context_keys_values(self.drafter.context_features(features), positions)
+        context.append(kv)
+
+    def release(self, request: DraftRequest) -> None:
+        self.contexts.pop(request.request_id, None)
+
+    # ---- proposer ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
+        """Drafts for requests whose context the target has fed up to the anchor; others get none (the
+        step that finishes a prompt produces the first anchor, drafting starts on the next)."""
+        ready = [i for i, r in enumerate(requests) if self._context_length(r) == len(r.token_ids) - 1]
+        drafts = [Draft([]) for _ in requests]
+        if ready:
+            made = self._propose_ready([requests[i] for i in ready], [max_lens[i] for i in ready])
+            for i, draft in zip(ready, made, strict=True):
+                drafts[i] = draft
+        return drafts
+
+    def _context_length(self, request: DraftRequest) -> int:
+        context = self.contexts.get(request.request_id)
+        return context.length if context is not None else 0
+
+    def _propose_ready(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
+        contexts = [self.contexts[r.request_id] for r in requests]
+        anchors = torch.tensor([r.token_ids[-1] for r in requests])
+        positions = torch.tensor([c.length for c in contexts])
+        gamma = self.block_size
+        hidden = self.drafter.backbone(
+            anchors, positions, [c.view() for c in contexts], [gamma] * len(requests), [None] * len(requests)
+        )
+        base = self.drafter.base_logits(hidden)
+        steps = min(gamma, max(max_lens))
+        return self._sample_sequentially(requests, anchors, hidden, base, steps, max_lens)
+
+    def _sample_sequentially(
+        self, requests, anchors: torch.Tensor, hidden: torch.Tensor, base: torch.Tensor, steps: int, max_lens
+    ) -> list[Draft]:
+        """The Markov head, left to right: position k's logits get the bias of the token drawn at k-1."""
+        d = self.drafter
+        params = [r.params for r in requests]
+        greedy = [p.greedy for p in params]
+        sampling = params_tensors(params, [1] * len(requests))
+        tokens, probs, confidences = [], [], []
+        prev = anchors
+        for k in range(steps):
+            prev_embedding = d.markov_embedding(prev)
+            logits = base[:, k] + d.transition_bias(prev_embedding)
+            confidences.append(self._confidence(hidden[:, k], prev_embedding, k, greedy))
+            if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
+                dist, prev = None, d.draft_to_target[logits.argmax(-1)]
+            else:
+                full = logits.new_full((len(requests), d.cfg.target_vocab_size), float("-inf"))
+                full[:, d.draft_to_target] = logits
+                dist = processed_probs(full, *sampling)
+                prev = self._draw(full, dist, requests, greedy)
+            tokens.append(prev)
+            probs.append(dist)
+        return [
+            Draft(
+                tokens=[int(t[i]) for t in tokens[: max_lens[i]]],
+                probs=None if greedy[i] else torch.stack([p[i] for p in probs[: max_lens[i]]]),
+                confidences=torch.stack([c[i] for c in confidences[: max_lens[i]]]),
+            )
+            for i in range(len(requests))
+        ]
+
+    def _draw(
+        self, logits: torch.Tensor, dist: torch.Tensor | None, requests, greedy: list[bool]
+    ) -> torch.Tensor:
+        drawn = logits.argmax(-1)
+        for i, r in enumerate(requests):
+            if not greedy[i]:
+                drawn[i] = torch.multinomial(dist[i], 1, generator=r.generator)[0]
+        return drawn
+
+    def _confidence(self, hidden: torch.Tensor, prev_embedding: torch.Tensor, k: int, greedy: list[bool]):
+        logit = self.drafter.confidence_logit(hidden, prev_embedding)
+        if self.calibration is None:
+            return torch.sigmoid(logit)
+        temps = torch.tensor([self.calibration.temperatures(g)[k] for g in greedy])
+        return torch.sigmoid(logit / temps)

@@ -1,0 +1,215 @@
+"""`dspark train`: generate the target's data, build the draft vocabulary, train, calibrate, export.
+
+Every stage resumes: data shards are skipped when present, training restores `train_state.pt` (model,
+optimizer, step, RNG), calibration and export rerun from the trained weights. The target stays frozen;
+only the backbone, the Markov head and the confidence head learn. Uses a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from dspark.drafters.dspark.blocks import make_blocks, sample_anchors, score_blocks
+from dspark.drafters.dspark.calibration import Calibration, fit_sts, prefix_ece
+from dspark.drafters.dspark.checkpoint import save_drafter
+from dspark.drafters.dspark.data import Sequence, generate_dataset, load_sequences
+from dspark.drafters.dspark.losses import drafter_loss, total_variation
+from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
+from dspark.models.default import cache_root
+from dspark.models.loader import load_transformer
+from dspark.prompts import write_json
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    output: str = "drafters/smollm2-135m-dspark"
+    data_dir: str = Field("", description="'' = <cache>/drafter_data/<layers>")
+    target_layers: list[int] = [2, 11, 20, 29]
+    num_layers: int = Field(2, ge=1)
+    block_size: int = Field(7, ge=1)
+    markov_rank: int = Field(64, ge=1)
+    markov_head: bool = True
+    draft_vocab_size: int = Field(8192, ge=2)
+    num_prompts: int = Field(768, ge=1, description="training prompts to generate responses for")
+    max_response_tokens: int = Field(256, ge=8)
+    holdout_sequences: int = Field(64, ge=1, description="generated sequences kept for calibration")
+    epochs: float = Field(4.0, gt=0)
+    anchors_per_sequence: int = Field(32, ge=1)
+    sequences_per_step: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    max_minutes: float | None = Field(None, gt=0, description="stop training after this long")
+    checkpoint_minutes: float = Field(5.0, gt=0)
+    threads: int | None = None
+    seed: int = 0
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir)
+        return cache_root() / "drafter_data" / ("smollm2-" + "-".join(map(str, self.target_layers)))
+
+
+def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
+    """The `size` target ids the target produces most often in its responses (plus `always`)."""
+    counts = Counter()
+    for seq in sequences:
+        counts.update(seq.token_ids[seq.prompt_len :].tolist())
+    chosen = list(dict.fromkeys([*always, *(t for t, _ in counts.most_common(size))]))[:size]
+    rest = (t for t in range(10**9) if t not in set(chosen))
+    while len(chosen) < size:  # a tiny corpus: pad with low ids so the size stays as configured
+        chosen.append(next(rest))
+    return torch.tensor(sorted(chosen))
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(cfg: TrainConfig) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = generate_dataset(
+        cfg.resolved_data_dir(), tuple(cfg.target_layers), cfg.num_prompts, cfg.max_response_tokens,
+        model=cfg.model,
+    )  # fmt: skip
+    sequences = load_sequences(data_dir)
+    train_set, holdout = sequences[: -cfg.holdout_sequences], sequences[-cfg.holdout_sequences :]
+    log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
+    target = load_transformer(cfg.model, pack=False)
+    drafter = DSparkDrafter(
+        DrafterConfig.for_target(
+            target.cfg,
+            target_layers=cfg.target_layers,
+            num_layers=cfg.num_layers,
+            block_size=cfg.block_size,
+            markov_rank=cfg.markov_rank,
+            markov_head=cfg.markov_head,
+            draft_vocab_size=cfg.draft_vocab_size,
+        )
+    )
+    drafter.set_draft_vocab(build_draft_vocab(train_set, cfg.draft_vocab_size, target.cfg.eos_token_ids))
+    drafter.attach_target(target.embed, target.lm_head.weight)
+    drafter.init_from_target(target)
+    del target
+    drafter.to(device)
+    fit(drafter, train_set, cfg, out, device)
+    calibration, report = calibrate(drafter, holdout)
+    write_json(out / "calibration_report.json", report)
+    save_drafter(drafter, out, dtype=torch.float16, calibration=calibration)
+    return out
+
+
+def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out: Path, device) -> None:
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    total_steps = math.ceil(cfg.epochs * len(train_set) / cfg.sequences_per_step)
+    state_path, step = out / "train_state.pt", 0
+    rng = random.Random(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        drafter.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng, generator = state["step"], state["rng"], state["generator"]
+        log.info("resumed at step %d", step)
+    began, last_save = time.monotonic(), time.monotonic()
+    history: list[dict] = []
+    progress = tqdm(total=total_steps, initial=step, desc="training drafter")
+    while step < total_steps:
+        if cfg.max_minutes and (time.monotonic() - began) / 60 > cfg.max_minutes:
+            log.info("time budget reached at step %d", step)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum: Counter = Counter()
+        for seq in rng.sample(train_set, cfg.sequences_per_step):
+            anchors = sample_anchors(seq, cfg.anchors_per_sequence, generator)
+            if not len(anchors):
+                continue
+            batch = make_blocks(seq, anchors, drafter)
+            scores = score_blocks(drafter, seq, batch)
+            loss, parts = drafter_loss(
+                scores.logits, scores.confidence_logits, drafter.target_to_draft[batch.labels.to(device)],
+                batch.target_probs.to(device), batch.valid.to(device),
+            )  # fmt: skip
+            (loss / cfg.sequences_per_step).backward()
+            parts_sum.update({k: v / cfg.sequences_per_step for k, v in parts.items()})
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.3f}" for k, v in parts_sum.items()})
+        history.append({"step": step, **parts_sum})
+        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
+            _save_state(state_path, drafter, optimizer, step, rng, generator)
+            write_json(out / "train_history.json", history)
+            last_save = time.monotonic()
+    _save_state(state_path, drafter, optimizer, step, rng, generator)
+    write_json(out / "train_history.json", history)
+
+
+def _save_state(path: Path, drafter, optimizer, step: int, rng, generator) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+         "generator": generator},
+        tmp,
+    )  # fmt: skip
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def holdout_scores(drafter: DSparkDrafter, holdout: list[Sequence]) -> dict[str, torch.Tensor]:
+    """Confidence logits and survival outcomes of every block of the held-out sequences (all anchors)."""
+    rows: dict[str, list[torch.Tensor]] = {"logits": [], "greedy": [], "sampled": [], "valid": []}
+    for seq in holdout:
+        anchors = sample_anchors(seq, 10**6)
+        if not len(anchors):
+            continue
+        batch = make_blocks(seq, anchors, drafter)
+        scores = score_blocks(drafter, seq, batch)
+        log_q = torch.log_softmax(scores.logits.float(), dim=-1).cpu()
+        draft_argmax = drafter.draft_to_target.cpu()[log_q.argmax(-1)]
+        rows["logits"].append(scores.confidence_logits.float().cpu())
+        rows["greedy"].append((draft_argmax == batch.labels).float())
+        rows["sampled"].append(1 - total_variation(log_q, batch.target_probs))
+        rows["valid"].append(batch.valid)
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def calibrate(drafter: DSparkDrafter, holdout: list[Sequence]) -> tuple[Calibration, dict]:
+    """STS on held-out data for greedy (argmax match) and sampled (1 - TV) acceptance; ECE before/after."""
+    s = holdout_scores(drafter, holdout)
+    calibration = Calibration(
+        greedy=fit_sts(s["logits"], s["greedy"], s["valid"]),
+        sampled=fit_sts(s["logits"], s["sampled"], s["valid"]),
+    )
+    report = {"blocks": len(s["logits"])}
+    for mode in ("greedy", "sampled"):
+        temps = calibration.temperatures(mode == "greedy")
+        report[mode] = {
+            "temperatures": temps,
+            "ece_before": prefix_ece(s["logits"], s[mode], s["valid"]),
+            "ece_after": prefix_ece(s["logits"], s[mode], s["valid"], temps),
+            "acceptance_by_position": (s[mode] * s["valid"]).sum(0).div(s["valid"].sum(0)).tolist(),
+        }
+    return calibration, report

@@ -1,0 +1,111 @@
+"""`dspark eval`: accepted length tau of a proposer on a prompt set, per dataset and domain.
+
+Runs real speculative decoding through the engine (so tau counts what verification accepted, the bonus
+token included) at each requested temperature, and reports tau and the position-wise conditional
+acceptance P(position k accepted | positions < k accepted). Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from dspark.engine import Engine, EngineConfig
+from dspark.engine.stats import SpecStats
+from dspark.prompts import PromptRecord, load_prompts, write_json
+from dspark.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EvalConfig(BaseModel):
+    prompts: str | None = None
+    num_prompts: int | None = Field(None, ge=1, description="None: every prompt")
+    max_tokens: int = Field(128, ge=1)
+    temperatures: list[float] = [0.0, 1.0]
+    engine: EngineConfig = EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=8)
+    seed: int = 0
+    output: str = "results/eval.json"
+
+
+def _stats_by(records: list[PromptRecord], stats: list[SpecStats], key: str) -> dict[str, SpecStats]:
+    groups: dict[str, SpecStats] = defaultdict(SpecStats)
+    for record, s in zip(records, stats, strict=True):
+        groups[getattr(record, key)].merge(s)
+    return dict(sorted(groups.items()))
+
+
+def _summaries(groups: dict[str, SpecStats]) -> dict[str, dict]:
+    return {
+        name: {"tau": round(s.tau, 4), "steps": s.steps,
+               "conditional_acceptance": [round(x, 4) for x in s.conditional_acceptance()]}
+        for name, s in groups.items()
+    }  # fmt: skip
+
+
+def evaluate_temperature(engine: Engine, records: list[PromptRecord], config: EvalConfig, t: float) -> dict:
+    params = [
+        SamplingParams(max_tokens=config.max_tokens, temperature=t, seed=config.seed + i)
+        for i in range(len(records))
+    ]
+    ids = [
+        engine.add_request(messages=[{"role": "user", "content": r.turns[0]}], params=p)
+        for r, p in zip(records, params, strict=True)
+    ]
+    finals = {}
+    for out in engine.run_until_done():
+        if out.finished:
+            finals[out.request_id] = out
+    stats = [SpecStats.from_summary(finals[i].spec) for i in ids]
+    total = SpecStats()
+    for s in stats:
+        total.merge(s)
+    by_domain = _stats_by(records, stats, "domain")
+    return {
+        "temperature": t,
+        "tau": round(total.tau, 4),
+        "tau_macro_domains": round(statistics.mean(s.tau for s in by_domain.values()), 4),
+        "conditional_acceptance": [round(x, 4) for x in total.conditional_acceptance()],
+        "by_domain": _summaries(by_domain),
+        "by_dataset": _summaries(_stats_by(records, stats, "dataset")),
+    }
+
+
+def plot_acceptance(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        for domain, s in result["by_domain"].items():
+            ax.plot(range(1, len(s["conditional_acceptance"]) + 1), s["conditional_acceptance"], "o-",
+                    label=f"{domain} (tau {s['tau']:.2f})")  # fmt: skip
+        ax.set(title=f"temperature {result['temperature']:g}", xlabel="draft position k",
+               ylabel="P(accept k | accepted < k)", ylim=(0, 1))  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(config: EvalConfig) -> dict:
+    torch.manual_seed(config.seed)
+    records = load_prompts(config.prompts, config.num_prompts)
+    engine = Engine(config.engine)
+    results = []
+    for t in config.temperatures:
+        results.append(evaluate_temperature(engine, records, config, t))
+        log.info("temperature %g: tau %.3f by domain %s", t, results[-1]["tau"],
+                 {d: s["tau"] for d, s in results[-1]["by_domain"].items()})  # fmt: skip
+    report = {"config": config.model_dump(), "num_prompts": len(records), "results": results}
+    write_json(config.output, report)
+    plot_acceptance(results, Path(config.output).with_suffix(".png"))
+    return report

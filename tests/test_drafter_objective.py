@@ -1,0 +1,83 @@
+"""The drafter's training objective, Sequential Temperature Scaling and the draft vocabulary."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dspark.drafters.dspark.calibration import expected_calibration_error, fit_sts, prefix_ece
+from dspark.drafters.dspark.data import Sequence
+from dspark.drafters.dspark.losses import drafter_loss, position_weights, target_distribution, total_variation
+from dspark.drafters.dspark.train import build_draft_vocab
+
+
+def test_total_variation_is_half_the_l1_distance():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    assert math.isclose(float(total_variation(q.log(), p)), 0.5 * (0.3 + 0.1 + 0.4), rel_tol=1e-6)
+    # target mass outside the known entries (here 0.2) cannot be matched by the drafter: counted in full
+    partial = torch.tensor([0.5, 0.3, 0.0])
+    assert math.isclose(float(total_variation(q.log(), partial)), 0.5 * (0.3 + 0.1 + 0.6 + 0.2), rel_tol=1e-6)
+
+
+def test_target_distribution_drops_ids_outside_the_draft_vocabulary():
+    dense = target_distribution(torch.tensor([[1, 3, 0]]), torch.tensor([[0.6, 0.3, 0.1]]), vocab=3)
+    torch.testing.assert_close(dense, torch.tensor([[0.1, 0.6, 0.0]]))  # id 3 == vocab: outside
+
+
+def test_loss_terms_follow_the_paper():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    conf = torch.randn(2, 3)
+    target = torch.softmax(torch.randn(2, 3, 5), -1)
+    labels = target.argmax(-1)
+    valid = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, parts = drafter_loss(logits, conf, labels, target, valid)
+    w = position_weights(3) * valid
+    log_q = torch.log_softmax(logits, -1)
+    ce = -(w * log_q.gather(-1, labels[..., None])[..., 0]).sum() / 2
+    tv = 0.5 * (log_q.exp() - target).abs().sum(-1)
+    c_star = 1 - tv
+    bce = -(
+        c_star * torch.nn.functional.logsigmoid(conf) + (1 - c_star) * torch.nn.functional.logsigmoid(-conf)
+    )
+    assert math.isclose(parts["ce"], float(ce), rel_tol=1e-5)
+    assert math.isclose(parts["tv"], float((w * tv).sum() / 2), rel_tol=1e-5)
+    assert math.isclose(parts["confidence"], float((w * bce).sum() / 2), rel_tol=1e-5)
+    assert math.isclose(
+        float(loss), 0.1 * parts["ce"] + 0.9 * parts["tv"] + parts["confidence"], rel_tol=1e-5
+    )
+    assert torch.allclose(position_weights(7)[1:] / position_weights(7)[:-1], torch.tensor(math.exp(-1 / 7)))
+
+
+def test_ece_of_a_known_case():
+    probs = torch.tensor([0.9, 0.9, 0.1, 0.1])
+    outcomes = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # bin 0.9: mean prob 0.9 vs 0.5 observed; bin 0.1: 0.1 vs 0.0 -> 0.5 * 0.4 + 0.5 * 0.1
+    assert math.isclose(expected_calibration_error(probs, outcomes), 0.25, rel_tol=1e-6)
+
+
+def test_sts_undoes_overconfidence_position_by_position():
+    torch.manual_seed(0)
+    n, gamma = 20000, 3
+    true_logits = torch.randn(n, gamma) * 1.5
+    survived = torch.bernoulli(torch.sigmoid(true_logits))
+    overconfident = true_logits * torch.tensor([3.0, 2.0, 0.5])  # temperatures to find: 3, 2, 0.5
+    valid = torch.ones(n, gamma)
+    temps = fit_sts(overconfident, survived, valid)
+    for found, expected in zip(temps, [3.0, 2.0, 0.5], strict=True):
+        assert abs(math.log(found / expected)) < 0.2
+    before = prefix_ece(overconfident, survived, valid)
+    after = prefix_ece(overconfident, survived, valid, temps)
+    assert all(a < 0.02 for a in after) and all(b > 0.05 for b in before[:2])
+
+
+def test_draft_vocabulary_takes_the_most_produced_tokens():
+    seqs = [
+        Sequence(
+            torch.tensor([9, 9, 5, 5, 5, 7]), 2, torch.zeros(5, 1), torch.zeros(4, 1), torch.zeros(4, 1)
+        ),
+        Sequence(torch.tensor([9, 3, 3, 5]), 1, torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1)),
+    ]
+    assert build_draft_vocab(seqs, 3, always=[2]).tolist() == [2, 3, 5]  # prompt tokens (9) do not count

@@ -1,0 +1,220 @@
+"""The DSpark drafter: masking, the Markov head, checkpoints, the engine path, and losslessness.
+
+Structural tests use a small random drafter on the real target (its shapes); the end-to-end tests use the
+shipped drafter, whose drafts are often accepted, so verification's accept and reject paths both run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from dspark.drafters.dspark.blocks import block_mask, make_blocks, sample_anchors, score_blocks
+from dspark.drafters.dspark.checkpoint import load_drafter, save_drafter
+from dspark.drafters.dspark.data import FeatureRecorder, Sequence
+from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
+from dspark.drafters.dspark.proposer import DSparkProposer
+from dspark.engine import Engine, EngineConfig
+from dspark.engine.config import SHIPPED_DRAFTER
+from dspark.sampling import SamplingParams
+
+LAYERS = [3, 29]
+GAMMA = 4
+
+
+@pytest.fixture(scope="module")
+def random_drafter(default_model) -> DSparkDrafter:
+    torch.manual_seed(0)
+    cfg = DrafterConfig.for_target(
+        default_model.cfg, target_layers=LAYERS, num_layers=1, block_size=GAMMA, markov_rank=8,
+        draft_vocab_size=512,
+    )  # fmt: skip
+    drafter = DSparkDrafter(cfg)
+    drafter.set_draft_vocab(torch.arange(512))
+    drafter.attach_target(default_model.embed, default_model.lm_head.weight)
+    drafter.init_from_target(default_model)
+    with torch.no_grad():  # a non-zero Markov head and mask embedding, as after training
+        drafter.markov_out.weight.normal_(0, 0.5)
+        drafter.mask_embedding.normal_(0, 0.05)
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def recorded(default_model, tokenizer, to_chat_ids) -> Sequence:
+    """A short greedy response with the target features the engine showed its observers."""
+    recorder = FeatureRecorder(tuple(LAYERS))
+    engine = Engine(EngineConfig(proposer="none", max_model_len=512), default_model, tokenizer,
+                    observers=[recorder])  # fmt: skip
+    prompt = to_chat_ids("Name three colors.")
+    response = [t for out in engine.stream(prompt, SamplingParams(max_tokens=24)) for t in out.token_ids]
+    features = next(iter(recorder.finished.values()))
+    n = len(prompt) + len(response)
+    return Sequence(torch.tensor(prompt + response), len(prompt), features,
+                    torch.zeros(n - len(prompt), 1, dtype=torch.long), torch.ones(n - len(prompt), 1))  # fmt: skip
+
+
+def test_observers_see_every_committed_position_once(default_model, recorded: Sequence):
+    """Recorded rows equal the target's hidden states of the whole sequence in one forward (position t's
+    row comes from positions <= t only), every position but the last."""
+    n = len(recorded.token_ids)
+    assert recorded.features.shape == (n - 1, len(LAYERS) * default_model.cfg.hidden_size)
+    cache = default_model.new_cache(1, 512)
+    ids = recorded.token_ids[:-1]
+    out = default_model(ids, default_model.layout([0], [0], [n - 1]), cache, hidden_layers=LAYERS)
+    reference = torch.cat([out.hidden[layer] for layer in LAYERS], dim=-1)
+    torch.testing.assert_close(recorded.features.float(), reference, atol=2e-3, rtol=2e-3)
+
+
+def test_block_mask_hides_the_future_and_other_blocks():
+    mask = block_mask(torch.tensor([2, 5]), num_context=6, gamma=3)
+    assert mask.shape == (6, 6 + 6)
+    assert mask[:3, :6].tolist() == [[True, True, False, False, False, False]] * 3
+    assert mask[3:, :6].tolist() == [[True] * 5 + [False]] * 3
+    assert mask[:3, 6:9].all() and not mask[:3, 9:].any()  # bidirectional inside the own block only
+
+
+def _scores(drafter, seq, anchors):
+    with torch.no_grad():
+        return score_blocks(drafter, seq, make_blocks(seq, anchors, drafter))
+
+
+def test_blocks_never_see_context_at_or_after_their_anchor(random_drafter, recorded: Sequence):
+    anchor = recorded.prompt_len + 5
+    before = _scores(random_drafter, recorded, torch.tensor([anchor]))
+    perturbed = Sequence(**{**recorded.__dict__, "features": recorded.features.clone()})
+    perturbed.features[anchor:] += torch.randn_like(perturbed.features[anchor:].float()).half()
+    after = _scores(random_drafter, perturbed, torch.tensor([anchor]))
+    torch.testing.assert_close(before.logits, after.logits)
+    perturbed.features[anchor - 1] += 1.0  # the last visible position does matter
+    assert not torch.allclose(
+        before.logits, _scores(random_drafter, perturbed, torch.tensor([anchor])).logits
+    )
+
+
+def test_blocks_scored_together_equal_blocks_scored_alone(random_drafter, recorded: Sequence):
+    anchors = sample_anchors(recorded, 6, torch.Generator().manual_seed(1))
+    together = _scores(random_drafter, recorded, anchors)
+    for i, anchor in enumerate(anchors.tolist()):
+        alone = _scores(random_drafter, recorded, torch.tensor([anchor]))
+        torch.testing.assert_close(together.logits[i], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_markov_head_changes_position_k_only_through_token_k_minus_1(random_drafter, recorded: Sequence):
+    anchors = torch.tensor([recorded.prompt_len + 3])
+    batch = make_blocks(recorded, anchors, random_drafter)
+    with torch.no_grad():
+        reference = score_blocks(random_drafter, recorded, batch)
+        for j in range(GAMMA):
+            changed = batch.prev_tokens.clone()
+            changed[0, j] = (changed[0, j] + 17) % 512
+            other = score_blocks(
+                random_drafter, recorded, type(batch)(**{**batch.__dict__, "prev_tokens": changed})
+            )
+            torch.testing.assert_close(other.base_logits, reference.base_logits)  # the backbone ignores it
+            differs = [not torch.allclose(other.logits[0, k], reference.logits[0, k]) for k in range(GAMMA)]
+            assert differs == [k == j for k in range(GAMMA)]
+
+
+def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequence):
+    """Drafting from incrementally observed context gives the logits training scored for that anchor."""
+    proposer = DSparkProposer(random_drafter)
+    anchor = recorded.prompt_len + 7
+
+    class Req:
+        request_id, params, generator = "r", SamplingParams(), None
+        token_ids = recorded.token_ids[: anchor + 1].tolist()
+
+    for chunk in recorded.features[:anchor].split(5):  # as prefill chunks and verification blocks
+        proposer.observe(Req, chunk)
+    draft = proposer.propose([Req], [GAMMA])[0]
+    scores = _scores(random_drafter, recorded, torch.tensor([anchor]))
+    # Greedy drafting feeds its own argmax to the Markov head: replay it through the training path.
+    expected, prev = [], recorded.token_ids[anchor]
+    with torch.no_grad():
+        for k in range(GAMMA):
+            e = random_drafter.markov_embedding(prev[None])
+            logits = scores.base_logits[0, k] + random_drafter.transition_bias(e)[0]
+            prev = random_drafter.draft_to_target[logits.argmax()]
+            expected.append(int(prev))
+    assert draft.tokens == expected
+    assert draft.probs is None and draft.confidences.shape == (GAMMA,)
+
+
+def test_checkpoint_round_trips(random_drafter, default_model, tmp_path):
+    save_drafter(random_drafter, tmp_path)
+    loaded = load_drafter(tmp_path, default_model)
+    for (name, a), (_, b) in zip(
+        random_drafter.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert loaded.cfg == random_drafter.cfg
+    save_drafter(random_drafter, tmp_path / "half", dtype=torch.float16)  # the shipped format
+    half = load_drafter(tmp_path / "half", default_model)
+    torch.testing.assert_close(half.markov_out.weight, random_drafter.markov_out.weight, atol=1e-3, rtol=1e-3)
+
+
+# ---- the shipped drafter, end to end -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_proposer(default_model) -> DSparkProposer:
+    return DSparkProposer.load(SHIPPED_DRAFTER, default_model)
+
+
+def test_shipped_drafter_is_small_and_calibrated():
+    size = sum(f.stat().st_size for f in SHIPPED_DRAFTER.iterdir())
+    assert size <= 30 * 2**20
+    assert (SHIPPED_DRAFTER / "calibration.json").exists()
+
+
+def test_greedy_output_is_the_targets_own(
+    default_model, tokenizer, shipped_proposer, to_chat_ids, dev_prompts
+):
+    plain = Engine(EngineConfig(proposer="none", max_batch_size=4), default_model, tokenizer)
+    spec = Engine(EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=4), default_model,
+                  tokenizer, proposer=shipped_proposer)  # fmt: skip
+    prompts = [to_chat_ids(p) for p in dev_prompts[:: len(dev_prompts) // 6][:6]]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    got = spec.generate(prompts, params)
+    assert [c.token_ids for c in got] == expected
+    assert spec.stats.tau > 1.5  # the drafts were really used
+    assert not shipped_proposer.contexts  # released with their requests
+
+
+def test_sampled_output_follows_the_targets_distribution(
+    default_model, tokenizer, shipped_proposer, hf_model
+):
+    """Chi-square on (t1, t2): t1 comes from the prompt's forward, t2 from verifying the first draft."""
+    prompt = tokenizer.encode("The most important thing in life is")
+    spec = Engine(EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=8),
+                  default_model, tokenizer, proposer=shipped_proposer)  # fmt: skip
+    n = 600
+    params = [SamplingParams(temperature=1.0, max_tokens=2, seed=i, ignore_eos=True) for i in range(n)]
+    completions = []
+    for start in range(0, n, 100):
+        batch = params[start : start + 100]
+        ids = [spec.add_request(prompt, p) for p in batch]
+        outs: dict[str, list[int]] = {i: [] for i in ids}
+        for out in spec.run_until_done():
+            outs[out.request_id] += out.token_ids
+        completions += [tuple(outs[i]) for i in ids]
+    assert spec.stats.accepted > 0 and spec.stats.drafted > spec.stats.accepted
+
+    with torch.no_grad():
+        p1 = torch.softmax(hf_model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        top1 = p1.topk(4).indices.tolist()
+        cells, probs = [], []
+        for t1 in top1:
+            p2 = torch.softmax(hf_model(torch.tensor([[*prompt, t1]])).logits[0, -1].double(), -1)
+            for t2 in p2.topk(3).indices.tolist():
+                cells.append((t1, t2))
+                probs.append(float(p1[t1] * p2[t2]))
+    kept = [i for i, p in enumerate(probs) if p * n >= 5]  # chi-square needs >= 5 expected per cell
+    observed = [sum(c == cells[i] for c in completions) for i in kept]
+    observed.append(n - sum(observed))
+    expected = [probs[i] * n for i in kept]
+    expected.append(n - sum(expected))
+    assert len(kept) >= 3
+    assert chisquare(observed, expected).pvalue > 1e-3
