@@ -49,9 +49,8 @@ def recorded(default_model, tokenizer, to_chat_ids) -> Sequence:
     prompt = to_chat_ids("Name three colors.")
     response = [t for out in engine.stream(prompt, SamplingParams(max_tokens=24)) for t in out.token_ids]
     features = next(iter(recorder.finished.values()))
-    n = len(prompt) + len(response)
-    return Sequence(torch.tensor(prompt + response), len(prompt), features,
-                    torch.zeros(n - len(prompt), 1, dtype=torch.long), torch.ones(n - len(prompt), 1))  # fmt: skip
+    topk_ids, topk_probs = torch.zeros(len(response), 1, dtype=torch.long), torch.ones(len(response), 1)
+    return Sequence(torch.tensor(prompt + response), len(prompt), features, topk_ids, topk_probs)
 
 
 def test_observers_see_every_committed_position_once(default_model, recorded: Sequence):
