@@ -1,10 +1,12 @@
 """Shared fixtures: the default model (lean and Hugging Face), its tokenizer and the dev prompts.
 
-Everything is loaded once per session; the machine is small, so torch uses two threads.
+Everything is loaded once per session; the machine is small, so torch uses two threads
+(DSPARK_TEST_THREADS overrides, e.g. 1 while a training job holds the other core).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from dspark.prompts import DEV_PROMPTS, load_prompts, shared_datasets_dir
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("DSPARK_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ shipped drafter, whose drafts are often accepted, so verification's accept and r
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -117,7 +119,7 @@ def test_markov_head_changes_position_k_only_through_token_k_minus_1(random_draf
 
 def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequence):
     """Drafting from incrementally observed context gives the logits training scored for that anchor."""
-    proposer = DSparkProposer(random_drafter)
+    proposer = DSparkProposer(copy.deepcopy(random_drafter))  # it packs its drafter for inference
     anchor = recorded.prompt_len + 7
 
     class Req:

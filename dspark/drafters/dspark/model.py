@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dspark.models.config import ModelConfig
+from dspark.models.linear import Linear
 from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 
@@ -54,6 +55,16 @@ class DrafterConfig(BaseModel):
             rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
             max_positions=target.max_position_embeddings, target_vocab_size=target.vocab_size, **overrides,
         )  # fmt: skip
+
+
+def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    linear = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.pack()
+    return linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,6 +146,7 @@ class DSparkDrafter(nn.Module):
                                cfg.max_positions)  # fmt: skip
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head_packed: Linear | None = None
 
     # ---- wiring ---------------------------------------------------------------------------------------
 
@@ -196,7 +208,17 @@ class DSparkDrafter(nn.Module):
         return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps).view(len(anchors), gamma, -1)
 
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None:
+            return self.lm_head_packed(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.lm_head)
+
+    def pack_for_inference(self) -> None:
+        """Use the engine's CPU matmul kernels (drafting multiplies a handful of rows); no autograd after."""
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, _packed_linear(child.weight, child.bias))
+        self.lm_head_packed = _packed_linear(self.lm_head)
 
     # ---- the sequential stage and confidence ------------------------------------------------------------
 

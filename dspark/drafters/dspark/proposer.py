@@ -58,6 +58,8 @@ class DSparkProposer:
 
     def __init__(self, drafter: DSparkDrafter, calibration: Calibration | None = None) -> None:
         self.drafter = drafter.eval()
+        if next(drafter.parameters()).device.type == "cpu":
+            drafter.pack_for_inference()
         self.calibration = calibration
         self.hidden_layers = tuple(drafter.cfg.target_layers)
         self.block_size = drafter.cfg.block_size
