@@ -109,3 +109,22 @@ def run_eval(config: EvalConfig) -> dict:
     write_json(config.output, report)
     plot_acceptance(results, Path(config.output).with_suffix(".png"))
     return report
+
+
+def tau_table(reports: dict[str, dict], temperature: float) -> str:
+    """Markdown: tau per domain and macro average, one row per labelled eval report."""
+    rows = []
+    for label, report in reports.items():
+        result = next(r for r in report["results"] if r["temperature"] == temperature)
+        domains = result["by_domain"]
+        rows.append((label, {d: s["tau"] for d, s in domains.items()}, result["tau_macro_domains"]))
+    names = sorted({d for _, taus, _ in rows for d in taus})
+    lines = [
+        "| drafter | " + " | ".join(names) + " | macro |",
+        "| --- |" + " --- |" * (len(names) + 1),
+    ]
+    lines += [
+        f"| {label} | " + " | ".join(f"{taus.get(d, 0):.2f}" for d in names) + f" | {macro:.2f} |"
+        for label, taus, macro in rows
+    ]
+    return "\n".join(lines)
