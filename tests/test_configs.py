@@ -1,0 +1,25 @@
+"""Every YAML file in configs/ validates against its pydantic model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dspark.drafters.dspark.train import TrainConfig
+from dspark.engine import EngineConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODELS = {"engine.yaml": EngineConfig, "drafter_smollm2.yaml": TrainConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_validates(path: Path):
+    assert path.name in MODELS, f"{path.name}: no pydantic model registered for it"
+    MODELS[path.name].model_validate(yaml.safe_load(path.read_text()))
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match="extra"):
+        EngineConfig.model_validate({"proposer": "dspark", "num_speculative_tokenz": 7})
