@@ -81,3 +81,25 @@ def test_draft_vocabulary_takes_the_most_produced_tokens():
         Sequence(torch.tensor([9, 3, 3, 5]), 1, torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1)),
     ]
     assert build_draft_vocab(seqs, 3, always=[2]).tolist() == [2, 3, 5]  # prompt tokens (9) do not count
+
+
+def test_train_pipeline_end_to_end_and_resume(tmp_path):
+    """A tiny budget through every stage: data from the engine, training, calibration, export, reload."""
+    from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
+    from dspark.drafters.dspark.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        output=str(tmp_path / "drafter"), data_dir=str(tmp_path / "data"), num_prompts=6,
+        max_response_tokens=12, holdout_sequences=2, epochs=1, sequences_per_step=2, anchors_per_sequence=4,
+        draft_vocab_size=256, num_layers=1, markov_rank=8, warmup_steps=1,
+    )  # fmt: skip
+    out = train(cfg)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shard-0000.safetensors"]
+    history = (out / "train_history.json").read_text()
+    assert '"step": 2' in history  # 4 training sequences / 2 per step
+    drafter = load_drafter(out)
+    assert drafter.cfg.draft_vocab_size == 256 and drafter.cfg.num_layers == 1
+    calibration = load_calibration(out)
+    assert calibration is not None and len(calibration.greedy) == cfg.block_size
+    train(cfg)  # everything done: resumes at the last step, trains nothing more, re-exports
+    assert (out / "train_history.json").read_text() == history

@@ -7,6 +7,7 @@ only the backbone, the Markov head and the confidence head learn. Uses a GPU whe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -130,8 +131,9 @@ def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out
         optimizer.load_state_dict(state["optimizer"])
         step, rng, generator = state["step"], state["rng"], state["generator"]
         log.info("resumed at step %d", step)
+    history_path = out / "train_history.json"
+    history: list[dict] = json.loads(history_path.read_text())[:step] if history_path.exists() else []
     began, last_save = time.monotonic(), time.monotonic()
-    history: list[dict] = []
     progress = tqdm(total=total_steps, initial=step, desc="training drafter")
     while step < total_steps:
         if cfg.max_minutes and (time.monotonic() - began) / 60 > cfg.max_minutes:
@@ -161,10 +163,10 @@ def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out
         history.append({"step": step, **parts_sum})
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
             _save_state(state_path, drafter, optimizer, step, rng, generator)
-            write_json(out / "train_history.json", history)
+            write_json(history_path, history)
             last_save = time.monotonic()
     _save_state(state_path, drafter, optimizer, step, rng, generator)
-    write_json(out / "train_history.json", history)
+    write_json(history_path, history)
 
 
 def _save_state(path: Path, drafter, optimizer, step: int, rng, generator) -> None:
