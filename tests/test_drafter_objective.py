@@ -58,19 +58,32 @@ def test_ece_of_a_known_case():
     assert math.isclose(expected_calibration_error(probs, outcomes), 0.25, rel_tol=1e-6)
 
 
-def test_sts_undoes_overconfidence_position_by_position():
+def _synthetic_blocks(n: int = 20000, gamma: int = 3):
     torch.manual_seed(0)
-    n, gamma = 20000, 3
     true_logits = torch.randn(n, gamma) * 1.5
-    survived = torch.bernoulli(torch.sigmoid(true_logits))
+    return true_logits, torch.bernoulli(torch.sigmoid(true_logits)), torch.ones(n, gamma)
+
+
+def test_sts_undoes_overconfidence_position_by_position():
+    true_logits, survived, valid = _synthetic_blocks()
     overconfident = true_logits * torch.tensor([3.0, 2.0, 0.5])  # temperatures to find: 3, 2, 0.5
-    valid = torch.ones(n, gamma)
-    temps = fit_sts(overconfident, survived, valid)
-    for found, expected in zip(temps, [3.0, 2.0, 0.5], strict=True):
-        assert abs(math.log(found / expected)) < 0.2
+    scalings = fit_sts(overconfident, survived, valid, with_offset=False)
+    for found, expected in zip(scalings, [3.0, 2.0, 0.5], strict=True):
+        assert abs(math.log(found.temperature / expected)) < 0.2 and found.offset == 0
     before = prefix_ece(overconfident, survived, valid)
-    after = prefix_ece(overconfident, survived, valid, temps)
+    after = prefix_ece(overconfident, survived, valid, scalings)
     assert all(a < 0.02 for a in after) and all(b > 0.05 for b in before[:2])
+
+
+def test_offset_fixes_a_shift_that_temperature_cannot():
+    true_logits, survived, valid = _synthetic_blocks()
+    shifted = true_logits + 1.5  # overestimates every position by the same margin
+    temperature_only = prefix_ece(
+        shifted, survived, valid, fit_sts(shifted, survived, valid, with_offset=False)
+    )
+    scalings = fit_sts(shifted, survived, valid)
+    assert all(abs(s.offset + 1.5) <= 0.2 for s in scalings)
+    assert max(prefix_ece(shifted, survived, valid, scalings)) < 0.02 < max(temperature_only)
 
 
 def test_draft_vocabulary_takes_the_most_produced_tokens():

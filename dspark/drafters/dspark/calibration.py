@@ -4,7 +4,9 @@ c_k is the probability that position k survives given the earlier ones did, so t
 prod_{i<=k} c_i. STS fits one temperature per position, left to right: position k's temperature minimises
 the ECE of the calibrated prefix product, with positions < k already fixed. Temperature scaling keeps the
 ranking of confidences. Greedy and sampled verification accept differently (argmax match vs 1 - TV), so
-each gets its own temperatures.
+each gets its own scaling. The confidence head learns 1 - TV, which is not the greedy acceptance rate: a
+temperature alone cannot move a systematically shifted estimate, so each position may also get an offset
+(Platt scaling, sigmoid(l / T + b)), which still preserves the ranking.
 """
 
 from __future__ import annotations
@@ -12,64 +14,80 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
-TEMPERATURE_GRID = torch.exp(torch.linspace(-2.5, 2.5, 201))  # 0.08 .. 12, log-spaced
+TEMPERATURE_GRID = torch.exp(torch.linspace(-2.5, 2.5, 101)).double()  # 0.08 .. 12, log-spaced
+OFFSET_GRID = torch.linspace(-3, 3, 61).double()
+
+
+class PositionScaling(BaseModel):
+    temperature: float = 1.0
+    offset: float = 0.0
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits / self.temperature + self.offset)
 
 
 class Calibration(BaseModel):
-    greedy: list[float]  # per-position temperatures
-    sampled: list[float]
+    greedy: list[PositionScaling]  # one per draft position
+    sampled: list[PositionScaling]
 
-    def temperatures(self, greedy: bool) -> list[float]:
+    def scalings(self, greedy: bool) -> list[PositionScaling]:
         return self.greedy if greedy else self.sampled
 
 
 def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins: int = 15) -> float:
     """Equal-width-bin ECE: sum over bins of |mean outcome - mean prob| weighted by the bin's share."""
-    probs, outcomes = probs.flatten().double(), outcomes.flatten().double()
-    index = (probs * bins).long().clamp(0, bins - 1)
-    counts = torch.bincount(index, minlength=bins).double()
-    gap = torch.bincount(index, probs - outcomes, minlength=bins).abs()
-    return float(gap.sum() / counts.sum().clamp_min(1))
+    return float(_ece_rows(probs.flatten()[None], outcomes.flatten(), bins)[0])
 
 
-def scale(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits / temperatures)
+def _ece_rows(probs: torch.Tensor, outcomes: torch.Tensor, bins: int = 15) -> torch.Tensor:
+    """ECE of every row of probs [candidates, n] against the same outcomes [n], in one pass."""
+    probs, outcomes = probs.double(), outcomes.double()
+    candidates, n = probs.shape
+    index = (probs * bins).long().clamp(0, bins - 1) + bins * torch.arange(candidates)[:, None]
+    gap = torch.bincount(index.flatten(), (probs - outcomes).flatten(), minlength=candidates * bins)
+    return gap.view(candidates, bins).abs().sum(1) / max(n, 1)
 
 
-def fit_sts(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor) -> list[float]:
-    """Per-position temperatures for confidence logits [blocks, gamma].
+def fit_sts(
+    logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, with_offset: bool = True
+) -> list[PositionScaling]:
+    """Per-position scalings for confidence logits [blocks, gamma], fitted left to right.
 
     survived[b, k]: did position k survive given positions < k did (0/1, or a probability for sampled
     verification); valid[b, k]: the block reaches position k. The prefix outcome multiplies `survived`
     along the block, matching the prefix product of the confidences.
     """
-    gamma = logits.shape[1]
     prefix_outcome = torch.cumprod(survived.double(), dim=1)
     prefix_prob = torch.ones(logits.shape[0], dtype=torch.float64)
-    temperatures = []
-    for k in range(gamma):
+    offsets = OFFSET_GRID if with_offset else torch.zeros(1, dtype=torch.float64)
+    scalings = []
+    for k in range(logits.shape[1]):
         rows = valid[:, k].bool()
-        if not rows.any():
-            temperatures.append(1.0)
+        if not rows.any():  # no held-out block reaches this position
+            scalings.append(PositionScaling())
             continue
-        errors = [
-            expected_calibration_error(
-                prefix_prob[rows] * scale(logits[rows, k].double(), t), prefix_outcome[rows, k]
-            )
-            for t in TEMPERATURE_GRID.double()
-        ]
-        best = float(TEMPERATURE_GRID[int(torch.tensor(errors).argmin())])
-        temperatures.append(best)
-        prefix_prob = prefix_prob * scale(logits[:, k].double(), torch.tensor(best, dtype=torch.float64))
-    return temperatures
+        outcome, prefix, row_logits = prefix_outcome[rows, k], prefix_prob[rows], logits[rows, k].double()
+        grid = [(t, b) for t in TEMPERATURE_GRID.tolist() for b in offsets.tolist()]
+        temps = torch.tensor([t for t, _ in grid], dtype=torch.float64)[:, None]
+        shifts = torch.tensor([b for _, b in grid], dtype=torch.float64)[:, None]
+        errors = _ece_rows(prefix * torch.sigmoid(row_logits / temps + shifts), outcome)
+        t, b = grid[int(errors.argmin())]
+        best = PositionScaling(temperature=t, offset=b)
+        scalings.append(best)
+        prefix_prob = prefix_prob * best.apply(logits[:, k].double())
+    return scalings
 
 
 def prefix_ece(
-    logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor, temperatures: list[float] | None = None
+    logits: torch.Tensor,
+    survived: torch.Tensor,
+    valid: torch.Tensor,
+    scalings: list[PositionScaling] | None = None,
 ) -> list[float]:
-    """ECE of the prefix survival probability at every position (temperatures None: raw confidences)."""
-    t = torch.tensor(temperatures or [1.0] * logits.shape[1], dtype=torch.float64)
-    prefix_prob = torch.cumprod(scale(logits.double(), t), dim=1)
+    """ECE of the prefix survival probability at every position (scalings None: raw confidences)."""
+    scalings = scalings or [PositionScaling()] * logits.shape[1]
+    conf = torch.stack([s.apply(logits[:, k].double()) for k, s in enumerate(scalings)], dim=1)
+    prefix_prob = torch.cumprod(conf, dim=1)
     prefix_outcome = torch.cumprod(survived.double(), dim=1)
     return [
         expected_calibration_error(prefix_prob[valid[:, k].bool(), k], prefix_outcome[valid[:, k].bool(), k])

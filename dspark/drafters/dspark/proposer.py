@@ -156,5 +156,4 @@ class DSparkProposer:
         logit = self.drafter.confidence_logit(hidden, prev_embedding)
         if self.calibration is None:
             return torch.sigmoid(logit)
-        temps = torch.tensor([self.calibration.temperatures(g)[k] for g in greedy])
-        return torch.sigmoid(logit / temps)
+        return torch.stack([self.calibration.scalings(g)[k].apply(logit[i]) for i, g in enumerate(greedy)])

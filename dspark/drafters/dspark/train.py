@@ -199,19 +199,37 @@ def holdout_scores(drafter: DSparkDrafter, holdout: list[Sequence]) -> dict[str,
 
 
 def calibrate(drafter: DSparkDrafter, holdout: list[Sequence]) -> tuple[Calibration, dict]:
-    """STS on held-out data for greedy (argmax match) and sampled (1 - TV) acceptance; ECE before/after."""
-    s = holdout_scores(drafter, holdout)
-    calibration = Calibration(
-        greedy=fit_sts(s["logits"], s["greedy"], s["valid"]),
-        sampled=fit_sts(s["logits"], s["sampled"], s["valid"]),
-    )
-    report = {"blocks": len(s["logits"])}
+    """Fit STS on half of the held-out sequences for greedy (argmax match) and sampled (1 - TV) acceptance;
+    report the per-position ECE of the prefix survival on the other half: raw, with temperatures only (the
+    paper's STS), and as shipped (temperature and offset)."""
+    fit_scores, test = holdout_scores(drafter, holdout[::2]), holdout_scores(drafter, holdout[1::2])
+    fitted = {
+        mode: {offset: fit_sts(fit_scores["logits"], fit_scores[mode], fit_scores["valid"], offset)
+               for offset in (False, True)}
+        for mode in ("greedy", "sampled")
+    }  # fmt: skip
+    calibration = Calibration(greedy=fitted["greedy"][True], sampled=fitted["sampled"][True])
+    report: dict = {"fit_blocks": len(fit_scores["logits"]), "test_blocks": len(test["logits"])}
     for mode in ("greedy", "sampled"):
-        temps = calibration.temperatures(mode == "greedy")
+        outcomes, valid = test[mode], test["valid"]
         report[mode] = {
-            "temperatures": temps,
-            "ece_before": prefix_ece(s["logits"], s[mode], s["valid"]),
-            "ece_after": prefix_ece(s["logits"], s[mode], s["valid"], temps),
-            "acceptance_by_position": (s[mode] * s["valid"]).sum(0).div(s["valid"].sum(0)).tolist(),
+            "scalings": [x.model_dump() for x in fitted[mode][True]],
+            "ece_raw": prefix_ece(test["logits"], outcomes, valid),
+            "ece_sts_temperature_only": prefix_ece(test["logits"], outcomes, valid, fitted[mode][False]),
+            "ece_shipped": prefix_ece(test["logits"], outcomes, valid, fitted[mode][True]),
+            "acceptance_by_position": (outcomes * valid).sum(0).div(valid.sum(0)).tolist(),
         }
     return calibration, report
+
+
+def recalibrate(directory: str | Path, cfg: TrainConfig) -> dict:
+    """Refit the calibration of a trained drafter on the held-out sequences of its training data."""
+    from dspark.drafters.dspark.checkpoint import CALIBRATION, load_drafter
+
+    target = load_transformer(cfg.model, pack=False)
+    drafter = load_drafter(directory, target)
+    holdout = load_sequences(cfg.resolved_data_dir())[-cfg.holdout_sequences :]
+    calibration, report = calibrate(drafter, holdout)
+    write_json(Path(directory) / "calibration_report.json", report)
+    (Path(directory) / CALIBRATION).write_text(calibration.model_dump_json(indent=2) + "\n")
+    return report
