@@ -10,7 +10,7 @@ from pathlib import Path
 DEFAULT_GAMMA = {"dspark": 7, "ngram": 4, "none": 0}
 
 
-def _engine_args(p: argparse.ArgumentParser, proposer: str = "dspark") -> None:
+def _engine_args(p: argparse.ArgumentParser, proposer: str = "ngram") -> None:
     p.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     p.add_argument("--proposer", choices=["none", "ngram", "dspark"], default=proposer)
     p.add_argument("--drafter", default="default", help="DSpark drafter folder ('default': the shipped one)")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="accepted length tau per dataset/domain; writes JSON and a PNG")
-    _engine_args(ev)
+    _engine_args(ev, proposer="dspark")
     ev.add_argument("--prompts", default=None, help="JSONL prompt file (default: shared dev prompts)")
     ev.add_argument("--num-prompts", type=int, default=None)
     ev.add_argument("--max-tokens", type=int, default=128)

@@ -42,8 +42,8 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots = concurrently running requests")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     max_tokens_per_step: int = Field(512, ge=16, description="token budget of one forward (chunks prefill)")
-    proposer: ProposerName = "dspark"
-    num_speculative_tokens: int = Field(7, ge=0, le=64, description="draft length gamma; 0 = plain decoding")
+    proposer: ProposerName = "ngram"
+    num_speculative_tokens: int = Field(4, ge=0, le=64, description="draft length gamma; 0 = plain decoding")
     ngram: NgramConfig = NgramConfig()
     drafter: str = Field(
         "default", description="DSpark drafter checkpoint folder ('default': the shipped one)"

@@ -34,6 +34,9 @@ class DrafterConfig(BaseModel):
     block_size: int = Field(7, ge=1, description="gamma: draft tokens per block (anchor + gamma-1 masks)")
     markov_rank: int = Field(64, ge=1)
     markov_head: bool = Field(True, description="False: a purely parallel (DFlash-style) drafter")
+    normalize_target_layers: bool = Field(
+        True, description="RMS-normalise each target layer's hidden state before the projection"
+    )
     draft_vocab_size: int = Field(8192, ge=2)
     # copied from the target
     hidden_size: int
@@ -173,9 +176,17 @@ class DSparkDrafter(nn.Module):
     # ---- the parallel stage ---------------------------------------------------------------------------
 
     def context_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, layers*d] concatenated target hidden states -> [rows, d] context features."""
-        return rms_norm(self.context_proj(target_hidden.to(self.context_norm.dtype)), self.context_norm,
-                        self.cfg.rms_norm_eps)  # fmt: skip
+        """[rows, layers*d] concatenated target hidden states -> [rows, d] context features.
+
+        Normalising each layer first matters: a few positions (attention sinks) carry activations ~1000x
+        the typical size in a few channels, which otherwise dominate the projection."""
+        target_hidden = target_hidden.to(self.context_norm.dtype)
+        if self.cfg.normalize_target_layers:
+            rows, d = target_hidden.shape[0], self.cfg.hidden_size
+            per_layer = target_hidden.view(rows, -1, d)
+            target_hidden = F.rms_norm(per_layer, (d,), eps=self.cfg.rms_norm_eps).reshape(rows, -1)
+        projected = self.context_proj(target_hidden)
+        return rms_norm(projected, self.context_norm, self.cfg.rms_norm_eps)
 
     def context_keys_values(
         self, features: torch.Tensor, positions: torch.Tensor

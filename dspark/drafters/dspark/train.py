@@ -43,6 +43,7 @@ class TrainConfig(BaseModel):
     block_size: int = Field(7, ge=1)
     markov_rank: int = Field(64, ge=1)
     markov_head: bool = True
+    normalize_target_layers: bool = True
     draft_vocab_size: int = Field(8192, ge=2)
     num_prompts: int = Field(768, ge=1, description="training prompts to generate responses for")
     max_response_tokens: int = Field(256, ge=8)
@@ -103,6 +104,7 @@ def train(cfg: TrainConfig) -> Path:
             block_size=cfg.block_size,
             markov_rank=cfg.markov_rank,
             markov_head=cfg.markov_head,
+            normalize_target_layers=cfg.normalize_target_layers,
             draft_vocab_size=cfg.draft_vocab_size,
         )
     )
