@@ -43,7 +43,8 @@ def _stats_by(records: list[PromptRecord], stats: list[SpecStats], key: str) -> 
 def _summaries(groups: dict[str, SpecStats]) -> dict[str, dict]:
     return {
         name: {"tau": round(s.tau, 4), "steps": s.steps,
-               "conditional_acceptance": [round(x, 4) for x in s.conditional_acceptance()]}
+               "conditional_acceptance": [round(x, 4) for x in s.conditional_acceptance()],
+               "prefix_survival": [round(x, 4) for x in s.prefix_survival()]}
         for name, s in groups.items()
     }  # fmt: skip
 

@@ -180,7 +180,7 @@ def test_greedy_output_is_the_targets_own(
     expected = [c.token_ids for c in plain.generate(prompts, params)]
     got = spec.generate(prompts, params)
     assert [c.token_ids for c in got] == expected
-    assert spec.stats.tau > 1.5  # the drafts were really used
+    assert spec.stats.accepted > 0  # the drafts were really used
     assert not shipped_proposer.contexts  # released with their requests
 
 

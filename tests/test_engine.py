@@ -87,6 +87,10 @@ def check_stats_consistent(stats) -> None:
         if j:  # position j is only drafted/accepted when position j - 1 was
             assert d <= stats.drafted_at[j - 1]
             assert a <= stats.accepted_at[j - 1]
+    for j, (a, r) in enumerate(zip(stats.accepted_at, stats.reached_at, strict=True)):
+        assert a <= r <= stats.drafted_at[j]  # reaching j needs every earlier position accepted
+        if j:
+            assert r <= stats.accepted_at[j - 1]  # reached j => accepted j - 1
     if stats.drafted_at:  # a step drafts position 0 at most once
         assert stats.drafted_at[0] <= stats.steps
 
@@ -550,3 +554,14 @@ def test_stats_ngram_consistent(default_model, tokenizer, prompt_ids):
     for run in runs:  # every emitted token is an accepted draft or a step's correction/bonus token
         assert run.final.spec["accepted"] + run.final.spec["steps"] == 30
     assert math.isclose(stats.acceptance_rate, stats.accepted / stats.drafted)
+
+
+def test_conditional_acceptance_conditions_on_the_accepted_prefix():
+    from dspark.engine.stats import SpecStats
+
+    stats = SpecStats()
+    stats.record(drafted=3, accepted=1)  # position 0 accepted, 1 rejected, 2 never reached
+    stats.record(drafted=3, accepted=3)
+    assert stats.conditional_acceptance() == [1.0, 0.5, 1.0]
+    assert stats.prefix_survival() == [1.0, 0.5, 0.5]
+    assert SpecStats.from_summary(stats.summary()) == stats

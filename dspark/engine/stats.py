@@ -11,6 +11,7 @@ class SpecStats(BaseModel):
     accepted: int = 0
     drafted_at: list[int] = []  # drafted_at[j]: steps that drafted position j (0-based)
     accepted_at: list[int] = []  # accepted_at[j]: steps that accepted position j
+    reached_at: list[int] = []  # reached_at[j]: steps that drafted position j and accepted every earlier one
 
     def record(self, drafted: int, accepted: int) -> None:
         self.steps += 1
@@ -18,10 +19,12 @@ class SpecStats(BaseModel):
         self.accepted += accepted
         grow = drafted - len(self.drafted_at)
         if grow > 0:
-            self.drafted_at.extend([0] * grow)
-            self.accepted_at.extend([0] * grow)
+            for counts in (self.drafted_at, self.accepted_at, self.reached_at):
+                counts.extend([0] * grow)
         for j in range(drafted):
             self.drafted_at[j] += 1
+        for j in range(min(accepted + 1, drafted)):
+            self.reached_at[j] += 1
         for j in range(accepted):
             self.accepted_at[j] += 1
 
@@ -31,10 +34,11 @@ class SpecStats(BaseModel):
         self.accepted += other.accepted
         for j in range(len(other.drafted_at)):
             if j == len(self.drafted_at):
-                self.drafted_at.append(0)
-                self.accepted_at.append(0)
+                for counts in (self.drafted_at, self.accepted_at, self.reached_at):
+                    counts.append(0)
             self.drafted_at[j] += other.drafted_at[j]
             self.accepted_at[j] += other.accepted_at[j]
+            self.reached_at[j] += other.reached_at[j]
 
     @property
     def tau(self) -> float:
@@ -47,6 +51,10 @@ class SpecStats(BaseModel):
 
     def conditional_acceptance(self) -> list[float]:
         """P(position j accepted | position j drafted and positions < j accepted)."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached_at, strict=True)]
+
+    def prefix_survival(self) -> list[float]:
+        """P(positions 0..j all accepted | position j drafted)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
 
     def summary(self) -> dict[str, float | int | list[float]]:
@@ -57,10 +65,13 @@ class SpecStats(BaseModel):
             "tau": round(self.tau, 4),
             "acceptance_rate": round(self.acceptance_rate, 4),
             "conditional_acceptance": [round(x, 4) for x in self.conditional_acceptance()],
+            "prefix_survival": [round(x, 4) for x in self.prefix_survival()],
             "drafted_at": list(self.drafted_at),
             "accepted_at": list(self.accepted_at),
+            "reached_at": list(self.reached_at),
         }
 
     @classmethod
     def from_summary(cls, summary: dict) -> SpecStats:
-        return cls(**{k: summary[k] for k in ("steps", "drafted", "accepted", "drafted_at", "accepted_at")})
+        keys = ("steps", "drafted", "accepted", "drafted_at", "accepted_at", "reached_at")
+        return cls(**{k: summary[k] for k in keys})
