@@ -35,7 +35,7 @@ def random_drafter(default_model) -> DSparkDrafter:
     drafter = DSparkDrafter(cfg)
     drafter.set_draft_vocab(torch.arange(512))
     drafter.attach_target(default_model.embed, default_model.lm_head.weight)
-    drafter.init_from_target(default_model)
+    drafter.init_final_norm()
     with torch.no_grad():  # a non-zero Markov head and mask embedding, as after training
         drafter.markov_out.weight.normal_(0, 0.5)
         drafter.mask_embedding.normal_(0, 0.05)

@@ -126,7 +126,6 @@ class OracleProposer:
     """
 
     name = "oracle"
-    deterministic = True
 
     def __init__(self, continuations: Sequence[Sequence[int]], vocab: int, rng: random.Random | None = None):
         self.full = [list(c) for c in continuations]

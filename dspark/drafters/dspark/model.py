@@ -167,8 +167,9 @@ class DSparkDrafter(nn.Module):
                              f"{self.cfg.draft_vocab_size}")  # fmt: skip
         self.draft_to_target = draft_to_target.long().clone()
 
-    def init_from_target(self, target: nn.Module) -> None:
-        """Scale the final norm so that the first logits have unit spread (near-uniform drafts): a random
+    def init_final_norm(self) -> None:
+        """After `attach_target`: scale the final norm so that the first logits have unit spread (near-uniform
+        drafts); a random
         backbone through the target's own norm gain gives confidently wrong logits that train slowly."""
         with torch.no_grad():
             self.final_norm.fill_(1 / float(self.lm_head.norm(dim=1).mean()))

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig) -> Path:
     )
     drafter.set_draft_vocab(build_draft_vocab(train_set, cfg.draft_vocab_size, target.cfg.eos_token_ids))
     drafter.attach_target(target.embed, target.lm_head.weight)
-    drafter.init_from_target(target)
+    drafter.init_final_norm()
     del target
     drafter.to(device)
     fit(drafter, train_set, cfg, out, device)
