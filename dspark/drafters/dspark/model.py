@@ -169,8 +169,7 @@ class DSparkDrafter(nn.Module):
 
     def init_final_norm(self) -> None:
         """After `attach_target`: scale the final norm so that the first logits have unit spread (near-uniform
-        drafts); a random
-        backbone through the target's own norm gain gives confidently wrong logits that train slowly."""
+        drafts); a random backbone through the target's own norm gain gives confidently wrong logits."""
         with torch.no_grad():
             self.final_norm.fill_(1 / float(self.lm_head.norm(dim=1).mean()))
 
