@@ -60,10 +60,9 @@ def chat_prompt(record: PromptRecord) -> list[dict]:
 
 
 def generate_shard(
-    engine: Engine, records: list[PromptRecord], params: SamplingParams, top_k: int
+    engine: Engine, recorder: FeatureRecorder, records: list[PromptRecord], params: SamplingParams, top_k: int
 ) -> dict[str, torch.Tensor]:
-    recorder = FeatureRecorder(tuple(engine.hidden_layers))
-    engine.observers = [recorder]
+    """Generate one shard; `recorder` must be one of the engine's observers."""
     room = engine.config.max_model_len - params.max_tokens
     prompts = [engine.encode_prompt(messages=chat_prompt(r)) for r in records]
     prompts = [p for p in prompts if len(p) <= room]  # the rare very long prompt is skipped, not cut
@@ -150,14 +149,15 @@ def generate_dataset(
         max_model_len=max_prompt_tokens + max_tokens,
         max_tokens_per_step=1024,
     )
-    engine = Engine(config, observers=[FeatureRecorder(hidden_layers)])
+    recorder = FeatureRecorder(hidden_layers)
+    engine = Engine(config, observers=[recorder])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
     for index, shard in enumerate(tqdm(shards, desc="generating shards")):
         path = out / f"shard-{index:04d}.safetensors"
         if path.exists():
             continue
-        tensors = generate_shard(engine, shard, params, top_k)
+        tensors = generate_shard(engine, recorder, shard, params, top_k)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"hidden_layers": ",".join(map(str, hidden_layers))})
         tmp.rename(path)
