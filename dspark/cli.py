@@ -77,6 +77,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    import logging
+
+    from dspark.load_bench import LoadBenchConfig, run_load_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = LoadBenchConfig(
+        prompts=args.prompts, concurrency=args.concurrency, policies=args.policies, proposer=args.proposer,
+        drafter=args.drafter, gamma=args.gamma if args.gamma is not None else DEFAULT_GAMMA[args.proposer],
+        threshold=args.threshold, requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
+        repeats=args.repeats, model=args.model, threads=args.threads, output=args.output,
+    )  # fmt: skip
+    report = run_load_bench(config)
+    for c, row in report["comparison"].items():
+        print(f"concurrency {c}: {row}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import logging
 
@@ -138,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafters", nargs="*", default=[], help="DSpark drafter folders to compare "
                        "('default': the shipped one)")  # fmt: skip
     bench.set_defaults(func=_bench)
+
+    load = sub.add_parser("bench-load", help="verification policies under closed-loop load; JSON + PNGs")
+    _engine_args(load)
+    load.add_argument("--prompts", default=None, help="JSONL prompt file (default: shared dev prompts)")
+    load.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    load.add_argument("--policies", nargs="+", default=["none", "fixed", "threshold", "scheduler"],
+                      choices=["none", "fixed", "threshold", "scheduler"])  # fmt: skip
+    load.add_argument("--threshold", type=float, default=0.3)
+    load.add_argument("--requests-per-client", type=int, default=2)
+    load.add_argument("--max-tokens", type=int, default=96)
+    load.add_argument("--repeats", type=int, default=2)
+    load.add_argument("--output", default="results/load.json")
+    load.set_defaults(func=_bench_load)
 
     tr = sub.add_parser("train", help="train a DSpark drafter (data generation, training, calibration)")
     tr.add_argument("--config", default=None, help="YAML TrainConfig (e.g. configs/drafter_smollm2.yaml)")

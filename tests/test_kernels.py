@@ -70,3 +70,38 @@ def test_block_attention_matches_masked_softmax_attention(start: int, n: int) ->
     scores = scores.masked_fill(torch.arange(end)[None, :] > (start + token)[:, None], float("-inf"))
     expected = torch.softmax(scores, dim=-1) @ v[:, :end]
     torch.testing.assert_close(ops.block_attention(q, k, v, start, n), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_ragged_attention_appends_and_attends_every_request() -> None:
+    """Requests of 1..5 new tokens in one call: their keys/values land in their own slots, and every query
+    sees its slot's cache plus its block's tokens up to itself (GQA: query head h reads KV head h // 3)."""
+    gen = torch.Generator().manual_seed(0)
+    slots, hkv, max_len, d, group = 6, 3, 64, 64, 3
+    k_cache, v_cache = (
+        torch.randn(slots, hkv, max_len, d, generator=gen),
+        torch.randn(slots, hkv, max_len, d, generator=gen),
+    )
+    layout = [(4, 10, 1), (0, 0, 3), (5, 33, 5), (2, 7, 2)]  # (slot, start, n)
+    total = sum(n for *_, n in layout)
+    q = torch.randn(total, hkv * group, d, generator=gen)
+    k_new, v_new = torch.randn(total, hkv, d, generator=gen), torch.randn(total, hkv, d, generator=gen)
+    expected_k, expected_v, expected = k_cache.clone(), v_cache.clone(), []
+    offset = 0
+    for slot, start, n in layout:
+        rows = slice(offset, offset + n)
+        expected_k[slot, :, start : start + n] = k_new[rows].transpose(0, 1)
+        expected_v[slot, :, start : start + n] = v_new[rows].transpose(0, 1)
+        keys = expected_k[slot, :, : start + n].repeat_interleave(group, 0)  # [H, keys, d]
+        values = expected_v[slot, :, : start + n].repeat_interleave(group, 0)
+        scores = q[rows].transpose(0, 1) @ keys.transpose(1, 2) / d**0.5  # [H, n, keys]
+        future = torch.arange(start + n)[None, :] > (start + torch.arange(n))[:, None]
+        attn = torch.softmax(scores.masked_fill(future, float("-inf")), -1) @ values
+        expected.append(attn.transpose(0, 1))
+        offset += n
+    out = ops.ragged_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor(layout))
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, expected_k)
+    torch.testing.assert_close(v_cache, expected_v)
+    with pytest.raises(RuntimeError, match="layout covers"):
+        ops.ragged_attention(q[:-1], k_new[:-1], v_new[:-1], k_cache, v_cache, torch.tensor(layout))

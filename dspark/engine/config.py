@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dspark.scheduling.policies import VerificationConfig
+
 ProposerName = Literal["none", "ngram", "dspark"]
 
 # The DSpark drafter shipped for the default target (SmolLM2-135M-Instruct).
@@ -43,8 +45,11 @@ class EngineConfig(BaseModel):
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     max_tokens_per_step: int = Field(512, ge=16, description="token budget of one forward (chunks prefill)")
     proposer: ProposerName = "ngram"
-    num_speculative_tokens: int = Field(4, ge=0, le=64, description="draft length gamma; 0 = plain decoding")
+    num_speculative_tokens: int = Field(
+        4, ge=0, le=64, description="draft length gamma (the most a policy may verify); 0 = plain decoding"
+    )
     ngram: NgramConfig = NgramConfig()
+    verification: VerificationConfig = VerificationConfig()
     drafter: str = Field(
         "default", description="DSpark drafter checkpoint folder ('default': the shipped one)"
     )
@@ -53,4 +58,6 @@ class EngineConfig(BaseModel):
 
     @property
     def speculative(self) -> bool:
-        return self.proposer != "none" and self.num_speculative_tokens > 0
+        return (
+            self.proposer != "none" and self.num_speculative_tokens > 0 and self.verification.policy != "none"
+        )

@@ -4,7 +4,9 @@ Each `step()`:
 1. admits waiting requests into free KV-cache slots;
 2. schedules every running request: decoding ones feed their last token (plus drafts), prefilling ones a
    chunk of the prompt within the step's token budget;
-3. asks the proposer for drafts of the requests whose prompt is complete;
+3. asks the proposer for drafts of the requests whose prompt is complete, and the verification policy
+   how much of each draft to verify (fixed gamma, a confidence threshold, or the prefix scheduler on the
+   profiled cost curve, fed by the drafter's confidences or the online acceptance estimator);
 4. runs the target once over the ragged batch and verifies all drafts (greedy match or rejection
    sampling), rolls the KV cache back past rejected tokens, and emits the accepted tokens.
 Draft length 0 is plain decoding through the same path.
@@ -16,6 +18,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dspark.engine.config import EngineConfig, resolve_drafter_dir
@@ -25,6 +28,14 @@ from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
 from dspark.proposers import Draft, NgramProposer, Proposer, TargetObserver, observed_layers
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
+from dspark.scheduling import (
+    OnlineAcceptanceEstimator,
+    StepShape,
+    VerificationPolicy,
+    build_policy,
+    load_or_measure,
+)
+from dspark.scheduling.cost_profile import PROFILE_DIR
 from dspark.verify import verify
 
 
@@ -41,12 +52,24 @@ def build_proposer(config: EngineConfig, model: Transformer) -> Proposer | None:
 
 
 def _truncated(draft: Draft, k: int) -> Draft:
-    """A draft cut to k tokens; probs and confidences stay aligned with the tokens."""
+    """A draft cut to k tokens; probs, confidences and scores stay aligned with the tokens."""
     if len(draft.tokens) <= k:
         return draft
     probs = None if draft.probs is None else draft.probs[:k]
     confidences = None if draft.confidences is None else draft.confidences[:k]
-    return Draft(draft.tokens[:k], probs, confidences)
+    scores = None if draft.scores is None else draft.scores[:k]
+    return Draft(draft.tokens[:k], probs, confidences, scores)
+
+
+def build_verification_policy(
+    config: EngineConfig, model: Transformer, proposer: Proposer | None
+) -> VerificationPolicy:
+    """The configured policy; the scheduler's cost profile is measured (or read from cache) here."""
+    profile = None
+    if config.verification.policy == "scheduler" and proposer is not None:
+        directory = PROFILE_DIR if config.verification.profile_cache else None
+        profile = load_or_measure(model, proposer, config.max_batch_size, directory)
+    return build_policy(config.verification, profile)
 
 
 def _draft_distribution(draft: Draft, vocab: int) -> torch.Tensor:
@@ -85,6 +108,8 @@ class Engine:
         if observed_layers(self.proposer):
             self.observers.append(self.proposer)  # type: ignore[arg-type]
         self.hidden_layers = sorted({layer for o in self.observers for layer in observed_layers(o)})
+        self.policy = build_verification_policy(config, self.model, self.proposer)
+        self.estimator = OnlineAcceptanceEstimator(max_positions=max(config.num_speculative_tokens, 1))
         self._features: dict[int, torch.Tensor] = {}
         self.cache = self.model.new_cache(config.max_batch_size, config.max_model_len)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
@@ -159,7 +184,7 @@ class Engine:
         if not self.running:
             return []
         scheduled = self._schedule()
-        self._propose([s for s in scheduled if s.final])
+        self._propose(scheduled)
         logits = self._forward(scheduled)
         for s in scheduled:
             if not s.final:  # a prompt chunk: everything it fed stays cached
@@ -197,16 +222,28 @@ class Engine:
         room = self.config.max_model_len - r.num_cached - len(s.chunk)
         return max(0, min(self.config.num_speculative_tokens, r.remaining_tokens - 1, room))
 
-    def _propose(self, finals: list[_Scheduled]) -> None:
+    def _propose(self, scheduled: list[_Scheduled]) -> None:
+        """Draft for the requests whose prompt is complete, then let the policy cut each draft."""
         if self.proposer is None:
             return
-        limits = [self._draft_limit(s) for s in finals]
-        wanted = [(s, k) for s, k in zip(finals, limits, strict=True) if k > 0]
-        if not wanted:
+        finals = [s for s in scheduled if s.final]
+        wanted = [(s, k) for s in finals if (k := self._draft_limit(s)) > 0]
+        shape = StepShape(len(scheduled), sum(len(s.chunk) for s in scheduled), len(finals))
+        if not wanted or not self.policy.wants_drafts(shape, len(wanted)):
             return
         drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
-        for (s, k), draft in zip(wanted, drafts, strict=True):
-            s.draft = _truncated(draft, k)
+        drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafts, strict=True)]
+        confidences = [self._confidences(s.request, d) for (s, _), d in zip(wanted, drafts, strict=True)]
+        lengths = self.policy.lengths(confidences, shape)
+        for (s, _), draft, k in zip(wanted, drafts, lengths, strict=True):
+            s.draft = _truncated(draft, k) if k else None
+
+    def _confidences(self, request: Request, draft: Draft) -> np.ndarray:
+        """The drafter's own confidences, else the online estimator's from the draft's scores."""
+        if draft.confidences is not None:
+            return draft.confidences.double().numpy()
+        scores = draft.scores if draft.scores is not None else [0.0] * len(draft.tokens)
+        return self.estimator.confidences(scores, request.params.greedy)
 
     def _forward(self, scheduled: list[_Scheduled]) -> torch.Tensor:
         tokens: list[int] = []
@@ -265,6 +302,9 @@ class Engine:
 
     def _commit(self, s: _Scheduled, drafted: int, accepted: int, new_tokens: list[int]) -> RequestOutput:
         r = s.request
+        if s.draft is not None and s.draft.confidences is None and drafted:
+            scores = s.draft.scores if s.draft.scores is not None else [0.0] * drafted
+            self.estimator.update(scores, drafted, accepted, r.params.greedy)
         self._observe(r, s.first_row, len(s.chunk) + accepted)
         r.num_cached += len(s.chunk) + accepted  # the accepted drafts are cached; the new token is not
         self.cache.rollback(r.slot, r.num_cached)

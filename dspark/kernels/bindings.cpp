@@ -4,9 +4,12 @@ torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor block_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               int64_t start, int64_t n);
+torch::Tensor ragged_attention(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                               torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& layout);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_linear", &small_m_linear, "x @ w.T for few rows of x (fp32, AVX2)");
   m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm of each row (fp32)");
   m.def("block_attention", &block_attention, "attention of a few new tokens against their cache slot (fp32)");
+  m.def("ragged_attention", &ragged_attention, "append and attend a ragged batch of short blocks (fp32)");
 }

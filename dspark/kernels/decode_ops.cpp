@@ -1,8 +1,10 @@
 // Small fused ops of a decode step, where PyTorch's per-op dispatch costs more than the arithmetic:
-// RMSNorm over a few rows, and attention of one new token against its KV-cache slot.
+// RMSNorm over a few rows, and attention of short blocks of new tokens against their KV-cache slots.
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -74,5 +76,75 @@ torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k,
       }
     }
   }
+  return out;
+}
+
+// Attention of a whole ragged batch of short blocks in one call: the per-request Python loop it replaces
+// cost more than the arithmetic at batch 8+. Appends every request's new keys/values to its cache slot,
+// then each (request, query head) attends causally within its block and to everything cached before it.
+// q [T, H, d], k_new / v_new [T, Hkv, d] in request order; caches [slots, Hkv, max_len, d] contiguous;
+// layout [R, 3] int64 rows (slot, start, n). Query head h reads KV head h / (H / Hkv). Returns [T, H, d].
+torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k_new_in,
+                               const torch::Tensor& v_new_in, torch::Tensor k_cache, torch::Tensor v_cache,
+                               const torch::Tensor& layout_in) {
+  TORCH_CHECK(q_in.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4);
+  const torch::Tensor q = q_in.contiguous(), k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
+  const torch::Tensor layout = layout_in.to(torch::kInt64).contiguous();
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), Hkv = k_new.size(1), R = layout.size(0);
+  const int64_t max_len = k_cache.size(2), group = H / Hkv;
+  TORCH_CHECK(d % 8 == 0 && H % Hkv == 0 && k_cache.size(1) == Hkv && k_cache.size(3) == d);
+  const int64_t* L = layout.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(L[3 * r] >= 0 && L[3 * r] < k_cache.size(0) && L[3 * r + 1] + L[3 * r + 2] <= max_len);
+    offsets[r + 1] = offsets[r] + L[3 * r + 2];
+  }
+  TORCH_CHECK(offsets[R] == T, "layout covers ", offsets[R], " tokens, q has ", T);
+  float* KC = k_cache.data_ptr<float>();
+  float* VC = v_cache.data_ptr<float>();
+  const float* KN = k_new.data_ptr<float>();
+  const float* VN = v_new.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t slot = L[3 * r], start = L[3 * r + 1];
+    for (int64_t i = 0; i < L[3 * r + 2]; ++i) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = ((slot * Hkv + h) * max_len + start + i) * d, src = ((offsets[r] + i) * Hkv + h) * d;
+        std::copy(KN + src, KN + src + d, KC + dst);
+        std::copy(VN + src, VN + src + d, VC + dst);
+      }
+    }
+  }
+  torch::Tensor out = torch::zeros_like(q);
+  const float* Q = q.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / H, h = item % H;
+      const int64_t slot = L[3 * r], start = L[3 * r + 1], n = L[3 * r + 2];
+      const float* K = KC + (slot * Hkv + h / group) * max_len * d;
+      const float* V = VC + (slot * Hkv + h / group) * max_len * d;
+      p.resize(start + n);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t length = start + i + 1, row = (offsets[r] + i) * H + h;
+        const float* qv = Q + row * d;
+        float* o = O + row * d;
+        float max_score = -INFINITY;
+        for (int64_t j = 0; j < length; ++j) {
+          p[j] = dot(qv, K + j * d, d) * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
+        for (int64_t j = 0; j < length; ++j) {
+          const float pj = p[j] / total;
+          const float* vj = V + j * d;
+          for (int64_t c = 0; c < d; ++c) o[c] += pj * vj[c];
+        }
+      }
+    }
+  });
   return out;
 }

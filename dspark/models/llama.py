@@ -32,11 +32,16 @@ class BatchLayout:
     positions: torch.Tensor = field(init=False)
     masks: list[torch.Tensor | None] = field(init=False)
 
+    table: torch.Tensor = field(init=False)  # [requests, 3] rows (slot, start, n) for the native kernel
+    short_blocks: bool = field(init=False)  # every request feeds few tokens: one native attention call
+
     def __post_init__(self) -> None:
         self.positions = torch.cat(
             [torch.arange(s, s + n) for s, n in zip(self.starts, self.num_new, strict=True)]
         )
         self.masks = [None] * len(self.slots)  # filled per model: they depend on the GQA group size
+        self.table = torch.tensor(list(zip(self.slots, self.starts, self.num_new, strict=True)))
+        self.short_blocks = max(self.num_new) <= _SHORT_BLOCK_TOKENS
 
 
 def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
@@ -51,6 +56,8 @@ def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
     return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
 
 
+# Decode and verification blocks up to this long go through the native ragged-attention kernel in one call.
+_SHORT_BLOCK_TOKENS = 32
 # Up to this many new tokens per request, explicit matmul attention beats SDPA's CPU dispatch overhead;
 # above it (long prefill chunks) SDPA's blocked kernel keeps memory bounded.
 _SMALL_QUERY_TOKENS = 64
@@ -100,8 +107,8 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: BatchLayout,
-        k_slots: list[torch.Tensor],
-        v_slots: list[torch.Tensor],
+        cache: KVCache,
+        layer: int,
     ) -> torch.Tensor:
         cfg = self.cfg
         T, H, Hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -119,6 +126,15 @@ class Attention(nn.Module):
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, Hkv, d)
         group = H // Hkv
+        k_slots, v_slots = cache.k_slots[layer], cache.v_slots[layer]
+        if (
+            len(layout.slots) > 1
+            and layout.short_blocks
+            and self.native is not None
+            and x.dtype == torch.float32
+        ):
+            out = self.native.ragged_attention(q, k, v, cache.k[layer], cache.v[layer], layout.table)
+            return self.wo(out.view(T, H * d))
         if len(layout.slots) == 1:  # the batch-1 decode hot path: no gather buffer
             slot, start, mask = layout.slots[0], layout.starts[0], layout.masks[0]
             out = self._attend_one(q, k, v, start, mask, k_slots[slot], v_slots[slot])
@@ -193,10 +209,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.native = None
 
-    def forward(self, x, cos, sin, layout, k_slots, v_slots) -> torch.Tensor:
-        h = x + self.attn(
-            rms_norm(x, self.attn_norm, self.eps, self.native), cos, sin, layout, k_slots, v_slots
-        )
+    def forward(self, x, cos, sin, layout, cache, layer: int) -> torch.Tensor:
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps, self.native), cos, sin, layout, cache, layer)
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps, self.native))
 
 
@@ -273,7 +287,7 @@ class Transformer(nn.Module):
         x = F.embedding(tokens, self.embed)
         hidden: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, layout, cache.k_slots[i], cache.v_slots[i])
+            x = layer(x, cos, sin, layout, cache, i)
             if i in hidden_layers:
                 hidden[i] = x
         for slot, start, n in zip(layout.slots, layout.starts, layout.num_new, strict=True):

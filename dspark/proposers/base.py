@@ -18,11 +18,14 @@ class Draft:
     `probs` holds the (processed) distributions the tokens were sampled from, needed for lossless
     rejection sampling; None means the tokens were chosen deterministically (a one-hot draft).
     `confidences` are the proposer's estimates that each position survives given the earlier ones did.
+    `scores` are draft-side features for proposers without confidences (an n-gram's match length), from
+    which the engine's online estimator predicts them; neither may depend on the token it describes.
     """
 
     tokens: list[int]
     probs: torch.Tensor | None = None
     confidences: torch.Tensor | None = None
+    scores: list[float] | None = None
 
 
 class DraftRequest(Protocol):

@@ -14,8 +14,9 @@ import numpy as np
 from dspark.proposers.base import Draft, DraftRequest
 
 
-def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
-    """Return up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram.
+def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
+    """Return up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram,
+    and that n (0 when nothing matched).
 
     n is tried from max_n down to min_n; an occurrence must end before the last position, so at least one
     token follows it. Cost is O(len(tokens) * n_matched) vectorized compares: the match mask for n is
@@ -24,10 +25,10 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int
     num = int(tokens.shape[0])
     max_n = min(max_n, num - 1)
     if k <= 0 or max_n < min_n:
-        return []
+        return [], 0
     # match[j] is True iff tokens[j : j + n] == tokens[-n:]; the occurrence ends at j + n - 1 <= num - 2.
     match = tokens[:-1] == tokens[-1]
-    best_end = -1
+    best_end, best_n = -1, 0
     for n in range(1, max_n + 1):
         if n > 1:
             # Extending the n-gram one token to the left keeps a start j only if tokens[j] == tokens[-n].
@@ -36,10 +37,10 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int
         if hits.size == 0:
             break  # no longer n-gram can match either
         if n >= min_n:
-            best_end = int(hits[-1]) + n - 1  # the most recent occurrence wins
+            best_end, best_n = int(hits[-1]) + n - 1, n  # the most recent occurrence wins
     if best_end < 0:
-        return []
-    return tokens[best_end + 1 : best_end + 1 + k].tolist()
+        return [], 0
+    return tokens[best_end + 1 : best_end + 1 + k].tolist(), best_n
 
 
 class NgramProposer:
@@ -58,14 +59,21 @@ class NgramProposer:
 
     def propose_tokens(self, token_ids: Sequence[int], k: int) -> list[int]:
         """Draft up to min(k, max_draft) tokens from a request's full history (prompt + generated)."""
-        k = min(k, self.max_draft)
-        if k <= 0 or len(token_ids) < 2:
-            return []
-        tokens = np.asarray(token_ids, dtype=np.int64)
-        return ngram_lookup(tokens, self.min_n, self.max_n, k)
+        return self._match(token_ids, k)[0]
 
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
-        return [Draft(self.propose_tokens(r.token_ids, k)) for r, k in zip(requests, max_lens, strict=True)]
+        """Each draft is scored by its match length, the acceptance estimator's feature."""
+        drafts = []
+        for r, k in zip(requests, max_lens, strict=True):
+            tokens, n = self._match(r.token_ids, k)
+            drafts.append(Draft(tokens, scores=[float(n)] * len(tokens)))
+        return drafts
+
+    def _match(self, token_ids: Sequence[int], k: int) -> tuple[list[int], int]:
+        k = min(k, self.max_draft)
+        if k <= 0 or len(token_ids) < 2:
+            return [], 0
+        return ngram_lookup(np.asarray(token_ids, dtype=np.int64), self.min_n, self.max_n, k)
 
     def __repr__(self) -> str:
         return f"NgramProposer(min_n={self.min_n}, max_n={self.max_n}, max_draft={self.max_draft})"

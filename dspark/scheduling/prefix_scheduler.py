@@ -19,15 +19,24 @@ def prefix_survival(confidences: Sequence[float]) -> np.ndarray:
     return np.cumprod(np.asarray(confidences, dtype=np.float64))
 
 
+def expected_accepted(confidences: Sequence[Sequence[float]], lengths: Sequence[int]) -> float:
+    """Expected accepted draft tokens when request r verifies its first lengths[r] tokens."""
+    return float(sum(prefix_survival(c[:k]).sum() for c, k in zip(confidences, lengths, strict=True) if k))
+
+
 def schedule_prefixes(
     confidences: Sequence[Sequence[float]],
     steps_per_second: Callable[[int], float],
     early_stop: bool = True,
+    base_tokens: int | None = None,
+    base_outputs: int | None = None,
 ) -> list[int]:
     """Verification length per request (0 allowed) maximising expected tokens/s.
 
     confidences[r][j]: P(draft position j of request r survives | positions < j survived).
-    steps_per_second(B): profiled target steps/s for a step of B tokens (each request feeds 1 + its length).
+    steps_per_second(B): profiled steps/s for a step of B tokens.
+    base_tokens: tokens the step feeds before any draft (default: one per request; prefill chunks add more).
+    base_outputs: tokens the step yields without drafts (default: one per request, its bonus token).
     early_stop=False is the retrospective global search the paper shows to be biased; kept for tests.
     """
     num_requests = len(confidences)
@@ -40,7 +49,8 @@ def schedule_prefixes(
     candidates.sort(key=lambda c: -c[0])  # stable: ties keep request order, then position order
     lengths = [0] * num_requests
     best_lengths = list(lengths)
-    tokens, expected = num_requests, float(num_requests)
+    tokens = num_requests if base_tokens is None else base_tokens
+    expected = float(num_requests if base_outputs is None else base_outputs)
     best = expected * steps_per_second(tokens)
     for survival, r, j in candidates:
         lengths[r] = j

@@ -1,0 +1,206 @@
+"""The hardware cost profile: how long a step takes, as the scheduler's SPS(B) curve (paper Section 3.2).
+
+A step of n running requests feeding B tokens in total costs the drafter's time for n requests plus the
+target's forward time for (n, B). Both are measured once per machine, model, thread count and batch limit
+(seconds), cached as JSON, and interpolated: linearly in tokens per request, and in log n between the
+profiled request counts. Per-request work (ragged attention, KV bookkeeping) makes time depend on n, not
+only on B, so the table is two-dimensional.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from dspark.models.llama import Transformer
+from dspark.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROFILE_DIR = Path.home() / ".cache" / "dspark" / "profiles"
+TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length
+PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
+PROFILE_VERSION = 2  # bump when kernels or the step's code path change what a step costs
+
+
+class CostProfile(BaseModel):
+    """Median step times in milliseconds, indexed by running requests and tokens per request."""
+
+    key: str
+    requests: list[int]  # profiled numbers of requests, ascending
+    tokens_per_request: list[int]  # profiled tokens per request (1 + draft length), ascending
+    target_ms: list[list[float]]  # target_ms[i][j]: forward of requests[i] requests x tokens_per_request[j]
+    draft_ms: list[float]  # draft_ms[i]: one propose call for requests[i] requests (0 without a drafter)
+
+    def target_seconds(self, num_requests: int, num_tokens: int) -> float:
+        per_request = num_tokens / max(num_requests, 1)
+        rows = [_interp_extrapolated(per_request, self.tokens_per_request, row) for row in self.target_ms]
+        return self._across_requests(num_requests, rows) / 1000
+
+    def draft_seconds(self, num_requests: int) -> float:
+        return self._across_requests(num_requests, self.draft_ms) / 1000 if num_requests else 0.0
+
+    def step_seconds(self, num_requests: int, num_tokens: int, drafted: bool = True) -> float:
+        draft = self.draft_seconds(num_requests) if drafted else 0.0
+        return draft + self.target_seconds(num_requests, num_tokens)
+
+    def steps_per_second(self, num_requests: int, drafted: bool = True) -> Callable[[int], float]:
+        """SPS(B) for a step of `num_requests` requests: what Algorithm 1 trades against tau."""
+        return lambda num_tokens: 1.0 / self.step_seconds(num_requests, num_tokens, drafted)
+
+    def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
+        """Interpolate in log(requests); beyond the largest profiled count, scale linearly."""
+        counts = self.requests
+        if num_requests >= counts[-1]:
+            return float(values[-1]) * num_requests / counts[-1]
+        return float(np.interp(math.log(max(num_requests, 1)), [math.log(c) for c in counts], values))
+
+
+def _interp_extrapolated(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Linear interpolation, continued linearly past the last point (np.interp would clamp)."""
+    if x <= xs[-1]:
+        return float(np.interp(x, xs, ys))
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return float(ys[-1] + slope * (x - xs[-1]))
+
+
+@dataclass
+class _ProfileRequest:
+    """A stand-in running request for timing a proposer (the DraftRequest protocol)."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+
+
+def profile_key(model: Transformer, max_requests: int, proposer_name: str) -> str:
+    cfg = model.cfg
+    parts = [
+        platform.machine(), platform.processor(), str(torch.get_num_threads()), torch.__version__,
+        str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
+        f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
+        str(max_requests), proposer_name, str(PROFILE_VERSION),
+    ]  # fmt: skip
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def request_counts(max_requests: int) -> list[int]:
+    counts = [1]
+    while counts[-1] * 2 < max_requests:
+        counts.append(counts[-1] * 2)
+    return sorted({*counts, max_requests})
+
+
+def _median_ms(run: Callable[[], None], reps: int, budget_ms: float = 150.0) -> float:
+    """Median of up to `reps` timings; slow shapes stop early (their noise is relatively small)."""
+    times: list[float] = []
+    while len(times) < reps and sum(times) < budget_ms:
+        began = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def profile_target(model: Transformer, counts: Sequence[int], reps: int = 5) -> list[list[float]]:
+    """Median forward ms for each (requests, tokens per request), over filler context."""
+    max_new = max(TOKENS_PER_REQUEST)
+    cache = model.new_cache(max(counts), PROFILE_CONTEXT + max_new)
+    slots = [cache.allocate() for _ in range(max(counts))]
+    filler = torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,))
+    model(filler, model.layout(slots[:1], [0], [PROFILE_CONTEXT]), cache, torch.tensor([0]))
+    for slot in slots[1:]:  # every request shares the first one's context: one prefill, not n
+        cache.k[:, slot], cache.v[:, slot] = cache.k[:, slots[0]], cache.v[:, slots[0]]
+        cache.lengths[slot] = PROFILE_CONTEXT
+
+    def forward(n: int, per_request: int) -> None:
+        used = slots[:n]
+        tokens = torch.randint(0, model.cfg.vocab_size, (n * per_request,))
+        layout = model.layout(used, [PROFILE_CONTEXT] * n, [per_request] * n)
+        model(tokens, layout, cache, torch.arange(n * per_request))  # verification needs every row's logits
+        for slot in used:
+            cache.rollback(slot, PROFILE_CONTEXT)
+
+    forward(1, 1)  # warm-up
+    return [
+        [round(_median_ms(lambda n=n, t=t: forward(n, t), reps), 3) for t in TOKENS_PER_REQUEST]
+        for n in counts
+    ]
+
+
+def profile_proposer(proposer, model: Transformer, counts: Sequence[int], reps: int = 5) -> list[float]:
+    """Median ms of one propose call for n requests of filler context (drafts of the longest length)."""
+    if proposer is None:
+        return [0.0] * len(counts)
+    requests = [
+        _ProfileRequest(f"profile-{i}", torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,)).tolist())
+        for i in range(max(counts))
+    ]
+    layers = getattr(proposer, "hidden_layers", ())
+    for r in requests:  # conditioned drafters need the target's features of the context
+        if layers:
+            features = torch.randn(PROFILE_CONTEXT - 1, model.cfg.hidden_size * len(layers))
+            proposer.observe(r, features)
+    max_len = max(TOKENS_PER_REQUEST) - 1
+    try:
+        proposer.propose(requests[:1], [max_len])  # warm-up
+        return [
+            round(_median_ms(lambda n=n: proposer.propose(requests[:n], [max_len] * n), reps), 3)
+            for n in counts
+        ]
+    finally:
+        if layers:
+            for r in requests:
+                proposer.release(r)
+
+
+def measure_profile(model: Transformer, proposer, max_requests: int, key: str) -> CostProfile:
+    counts = request_counts(max_requests)
+    return CostProfile(
+        key=key,
+        requests=counts,
+        tokens_per_request=list(TOKENS_PER_REQUEST),
+        target_ms=profile_target(model, counts),
+        draft_ms=profile_proposer(proposer, model, counts),
+    )
+
+
+def load_or_measure(
+    model: Transformer, proposer, max_requests: int, directory: Path | None = PROFILE_DIR
+) -> CostProfile:
+    """The cached profile of this machine, model and drafter, measured (seconds) when missing."""
+    name = getattr(proposer, "name", "none")
+    key = profile_key(model, max_requests, name)
+    path = directory / f"{key}.json" if directory is not None else None
+    if path is not None and path.exists():
+        profile = CostProfile.model_validate_json(path.read_text())
+        log.info("cost profile %s (cached): %s", path, _describe(profile))
+        return profile
+    began = time.perf_counter()
+    profile = measure_profile(model, proposer, max_requests, key)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(profile.model_dump(), indent=1))
+    log.info("cost profile measured in %.1fs (%s): %s", time.perf_counter() - began, path, _describe(profile))
+    return profile
+
+
+def _describe(profile: CostProfile) -> str:
+    single = dict(zip(profile.tokens_per_request, profile.target_ms[0], strict=True))
+    return (
+        f"target ms, 1 request by tokens {single}; "
+        f"{profile.requests[-1]} requests x 1 token {profile.target_ms[-1][0]} ms; "
+        f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))}"
+    )

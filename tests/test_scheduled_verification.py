@@ -1,0 +1,124 @@
+"""The engine under each verification policy: greedy output stays the target's own, sampled output keeps
+the target's distribution when the scheduler cuts drafts on token-dependent confidences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from dspark.engine import Engine, EngineConfig
+from dspark.proposers import Draft, DraftRequest
+from dspark.sampling import SamplingParams
+from dspark.scheduling import CostProfile, VerificationConfig
+from dspark.scheduling.policies import ScheduledVerification
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(default_model, tokenizer, to_chat_ids, dev_prompts):
+    prompts = [to_chat_ids(p) for p in dev_prompts[:: len(dev_prompts) // 6][:6]]
+    plain = Engine(EngineConfig(proposer="none", max_batch_size=4), default_model, tokenizer)
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    return prompts, params, [c.token_ids for c in plain.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("policy", ["threshold", "scheduler"])
+def test_greedy_output_is_the_targets_own(default_model, tokenizer, greedy_reference, policy):
+    prompts, params, expected = greedy_reference
+    config = EngineConfig(
+        proposer="ngram", num_speculative_tokens=6, max_batch_size=4,
+        verification=VerificationConfig(policy=policy, threshold=0.2, profile_cache=False),
+    )  # fmt: skip
+    engine = Engine(config, default_model, tokenizer)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    assert engine.stats.accepted > 0  # drafts were verified and used
+
+
+def test_policy_none_never_drafts(default_model, tokenizer, greedy_reference):
+    prompts, params, expected = greedy_reference
+    config = EngineConfig(proposer="ngram", verification=VerificationConfig(policy="none"), max_batch_size=4)
+    engine = Engine(config, default_model, tokenizer)
+    assert engine.proposer is None
+    assert [c.token_ids for c in engine.generate(prompts[:2], params)] == expected[:2]
+    assert engine.stats.drafted == 0
+
+
+class ParityProposer:
+    """Drafts two tokens whose confidences depend on the tokens drawn before them.
+
+    Position 1 is confident after an even anchor; position 2 is confident after an even first draft
+    token, so the scheduler's lengths vary with the draws: the case where a careless scheduler biases
+    the output (paper Appendix A). Position-1 drafts come from `first` (per anchor) to be often right.
+    """
+
+    name = "parity"
+
+    def __init__(self, first: dict[int, torch.Tensor], vocab: int) -> None:
+        self.first = first
+        self.fallback = torch.zeros(vocab)
+        self.fallback[torch.arange(0, 4000, 500)] = 1 / 8
+
+    def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
+        drafts = []
+        for r, k in zip(requests, max_lens, strict=True):
+            anchor = r.token_ids[-1]
+            rows = torch.stack([self.first.get(anchor, self.fallback), self.fallback])[:k]
+            tokens = [int(torch.multinomial(row, 1, generator=r.generator)) for row in rows]
+            confidences = torch.tensor([0.9 if anchor % 2 == 0 else 0.2, 0.9 if tokens[0] % 2 == 0 else 0.1])
+            drafts.append(Draft(tokens, rows, confidences[:k]))
+        return drafts
+
+
+def test_sampled_output_with_the_scheduler_follows_the_target(default_model, tokenizer, hf_model):
+    """Chi-square on (t1, t2): t2 is the verified first draft token (or the bonus when cut to 0)."""
+    prompt = tokenizer.encode("The most important thing in life is")
+    with torch.no_grad():
+        p1 = torch.softmax(hf_model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        top1 = p1.topk(4).indices.tolist()
+        p2 = {
+            t1: torch.softmax(hf_model(torch.tensor([[*prompt, t1]])).logits[0, -1].double(), -1)
+            for t1 in top1
+        }
+    # Draft rows near the target's: its top-8 next tokens after each likely t1, flattened toward uniform.
+    first = {}
+    for t1, dist in p2.items():
+        values, indices = dist.topk(8)
+        row = torch.zeros_like(dist, dtype=torch.float32)
+        row[indices] = (0.5 * values / values.sum() + 0.5 / 8).float()
+        first[t1] = row
+    vocab = default_model.cfg.vocab_size
+    config = EngineConfig(proposer="ngram", num_speculative_tokens=2, max_batch_size=100, max_model_len=64)
+    engine = Engine(config, default_model, tokenizer, proposer=ParityProposer(first, vocab))
+    # per request: 10 ms, +5 ms per extra token; drafting is free
+    profile = CostProfile(key="t", requests=[1], tokens_per_request=[1, 2, 3], target_ms=[[10.0, 15.0, 20.0]],
+                          draft_ms=[0.0])  # fmt: skip
+    engine.policy = ScheduledVerification(profile, draft_gate=False)
+
+    n = 600
+    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i, ignore_eos=True) for i in range(n)]
+    completions = []
+    for start in range(0, n, 100):
+        ids = [engine.add_request(prompt, p) for p in params[start : start + 100]]
+        outs: dict[str, list[int]] = {i: [] for i in ids}
+        for out in engine.run_until_done():
+            outs[out.request_id] += out.token_ids
+        completions += [tuple(outs[i][:2]) for i in ids]
+    stats = engine.stats
+    assert stats.drafted_at[1] > 0 and stats.drafted_at[0] > stats.drafted_at[1]  # lengths 1 and 2 occur
+    assert stats.steps > stats.drafted_at[0]  # and some requests were cut to 0
+    assert stats.accepted > 0
+
+    cells, probs = [], []
+    for t1 in top1:
+        for t2 in p2[t1].topk(3).indices.tolist():
+            cells.append((t1, t2))
+            probs.append(float(p1[t1] * p2[t1][t2]))
+    kept = [i for i, p in enumerate(probs) if p * n >= 5]  # chi-square needs >= 5 expected per cell
+    observed = [sum(c == cells[i] for c in completions) for i in kept]
+    observed.append(n - sum(observed))
+    expected = [probs[i] * n for i in kept]
+    expected.append(n - sum(expected))
+    assert len(kept) >= 3
+    assert chisquare(observed, expected).pvalue > 1e-3

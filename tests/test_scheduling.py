@@ -1,0 +1,137 @@
+"""Cost profile, online acceptance estimator and verification policies, without the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspark.proposers import NgramProposer
+from dspark.scheduling import (
+    CostProfile,
+    OnlineAcceptanceEstimator,
+    StepShape,
+    VerificationConfig,
+    build_policy,
+    load_or_measure,
+    schedule_prefixes,
+)
+from dspark.scheduling.policies import ScheduledVerification
+
+
+def _profile(target_ms, draft_ms=None, requests=(1, 4), tokens=(1, 2, 5)) -> CostProfile:
+    return CostProfile(
+        key="test", requests=list(requests), tokens_per_request=list(tokens), target_ms=target_ms,
+        draft_ms=draft_ms if draft_ms is not None else [0.0] * len(requests),
+    )  # fmt: skip
+
+
+# ---- cost profile -----------------------------------------------------------------------------------------
+
+
+def test_profile_interpolates_tokens_and_requests():
+    profile = _profile([[10.0, 12.0, 30.0], [20.0, 40.0, 100.0]], draft_ms=[1.0, 3.0])
+    assert profile.target_seconds(1, 1) == pytest.approx(0.010)
+    assert profile.target_seconds(1, 3) == pytest.approx((12 + (30 - 12) / 3) / 1000)  # 3 tokens: 1/3 of 2..5
+    assert profile.target_seconds(1, 8) == pytest.approx((30 + 6 * 3) / 1000)  # extrapolated at 6 ms/token
+    assert profile.target_seconds(4, 8) == pytest.approx(0.040)  # 4 requests x 2 tokens
+    # 2 requests lie halfway between 1 and 4 in log space
+    assert profile.target_seconds(2, 2) == pytest.approx((10 + 20) / 2 / 1000)
+    assert profile.target_seconds(8, 8) == pytest.approx(0.040)  # past the largest count: linear in n
+    assert profile.draft_seconds(8) == pytest.approx(0.006)
+    assert profile.step_seconds(1, 2) == pytest.approx(0.013)
+    assert profile.step_seconds(1, 2, drafted=False) == pytest.approx(0.012)
+    assert profile.steps_per_second(4)(8) == pytest.approx(1 / 0.043)
+
+
+def test_profile_is_measured_once_then_cached(default_model, tmp_path):
+    proposer = NgramProposer(max_draft=16)
+    measured = load_or_measure(default_model, proposer, 2, tmp_path)
+    assert measured.requests == [1, 2]
+    assert all(ms > 0 for row in measured.target_ms for ms in row)
+    # more tokens never cost much less (allowing timing noise), more requests cost more
+    for row in measured.target_ms:
+        assert row[-1] > row[0]
+    assert measured.target_ms[1][-1] > measured.target_ms[0][-1]
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    cached = load_or_measure(default_model, proposer, 2, tmp_path)
+    assert cached == measured  # read back, not re-measured
+
+
+# ---- online acceptance estimator --------------------------------------------------------------------------
+
+
+def test_estimator_learns_a_logistic_acceptance_curve():
+    rng = np.random.default_rng(0)
+    truth = [(-1.0, 0.6), (-0.5, 0.3)]  # per position: intercept, slope on the score
+    estimator = OnlineAcceptanceEstimator(max_positions=2, prior_strength=1.0)
+    for _ in range(6000):
+        score = float(rng.integers(0, 6))
+        accepted = 0
+        for b, w in truth:
+            if rng.random() < 1 / (1 + np.exp(-(b + w * score))):
+                accepted += 1
+            else:
+                break
+        estimator.update([score, score], 2, accepted, greedy=True)
+    for score in (0.0, 2.0, 5.0):
+        got = estimator.confidences([score, score], greedy=True)
+        want = [1 / (1 + np.exp(-(b + w * score))) for b, w in truth]
+        np.testing.assert_allclose(got, want, atol=0.05)
+    # the sampled-mode model saw nothing: it still predicts its prior
+    np.testing.assert_allclose(estimator.confidences([3.0], greedy=False), [0.5])
+
+
+def test_estimator_learns_only_from_reached_positions():
+    estimator = OnlineAcceptanceEstimator(max_positions=3, refit_every=1)
+    for _ in range(200):
+        estimator.update([1.0, 1.0, 1.0], verified=3, accepted=0, greedy=True)  # position 0 always rejected
+    conf = estimator.confidences([1.0, 1.0, 1.0], greedy=True)
+    assert conf[0] < 0.05
+    assert conf[1] == pytest.approx(0.5) and conf[2] == pytest.approx(0.5)  # never reached: the prior
+    assert estimator.confidences([1.0] * 5, greedy=True)[3:].tolist() == [0.0, 0.0]  # past the models
+
+
+# ---- policies ---------------------------------------------------------------------------------------------
+
+
+CONFIDENCES = [np.array([0.9, 0.8, 0.5]), np.array([0.4, 0.9]), np.array([])]
+
+
+def test_fixed_threshold_and_none():
+    shape = StepShape(3, 3, 3)
+    fixed = build_policy(VerificationConfig(policy="fixed"), None)
+    assert fixed.wants_drafts(shape, 3) and fixed.lengths(CONFIDENCES, shape) == [3, 2, 0]
+    threshold = build_policy(VerificationConfig(policy="threshold", threshold=0.5), None)
+    # survival: [0.9, 0.72, 0.36] and [0.4, 0.36]
+    assert threshold.lengths(CONFIDENCES, shape) == [2, 0, 0]
+    none = build_policy(VerificationConfig(policy="none"), None)
+    assert not none.wants_drafts(shape, 3) and none.lengths(CONFIDENCES, shape) == [0, 0, 0]
+    with pytest.raises(ValueError, match="cost profile"):
+        build_policy(VerificationConfig(policy="scheduler"), None)
+
+
+def test_scheduler_runs_algorithm_1_on_the_profile():
+    profile = _profile([[10.0, 11.0, 30.0], [20.0, 40.0, 100.0]])
+    policy = build_policy(VerificationConfig(policy="scheduler"), profile)
+    shape = StepShape(num_requests=3, num_tokens=7, num_outputs=3)  # 4 prefill tokens ride along
+    sps = profile.steps_per_second(3)
+    expected = schedule_prefixes(CONFIDENCES, sps, base_tokens=7, base_outputs=3)
+    assert policy.lengths(CONFIDENCES, shape) == expected
+    # an idle target (1 request) takes the cheap second token, a loaded one (4 requests) does not
+    cheap = policy.lengths([np.array([0.6, 0.5])], StepShape(1, 1, 1))
+    loaded = policy.lengths([np.array([0.6, 0.5])] * 4, StepShape(4, 4, 4))
+    assert cheap[0] >= 1 and loaded == [0, 0, 0, 0]
+
+
+def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():
+    costly_drafter = _profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]], draft_ms=[50.0, 200.0])
+    policy = ScheduledVerification(costly_drafter, draft_gate=True, explore_every=4)
+    shape = StepShape(1, 1, 1)
+    assert policy.wants_drafts(shape, 1)  # nothing known yet: draft
+    policy.lengths([np.array([0.5, 0.5])], shape)  # typical confidences are now known
+    decisions = [policy.wants_drafts(shape, 1) for _ in range(8)]
+    assert decisions == [False, False, False, True] * 2  # 10 ms target + 50 ms draft never pays
+    free_drafter = ScheduledVerification(_profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]]))
+    free_drafter.lengths([np.array([0.5, 0.5])], shape)
+    assert all(free_drafter.wants_drafts(shape, 1) for _ in range(8))
