@@ -1,8 +1,8 @@
 """`dspark bench`: decoding speed of this engine against transformers, side by side in one run.
 
 For every prompt (batch 1, greedy) the methods run back to back, so machine noise hits them alike; the
-report gives totals, per-prompt medians and the median of per-prompt ratios. It also profiles the verify
-cost curve: target forward time against the number of new tokens per request and against batch size.
+report gives totals, per-prompt medians and the median of per-prompt ratios. It also records the target's
+cost profile (forward time by requests and tokens per request; see dspark/scheduling/cost_profile.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from dspark.engine import Engine, EngineConfig
-from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer, resolve_model_dir
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
+from dspark.scheduling.cost_profile import measure_profile
 
 log = logging.getLogger(__name__)
 
@@ -91,38 +91,6 @@ def _drafter_label(drafter: str) -> str:
     return "dspark" if drafter == "default" else f"dspark_{Path(drafter).name}"
 
 
-def cost_curve(model: Transformer, context: int = 256, reps: int = 9) -> dict:
-    """Median ms of one target forward: 1 request with n new tokens, and b requests with 1 token each."""
-    new_tokens, batch_sizes = [1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16]
-    cache = model.new_cache(max(batch_sizes), context + max(new_tokens))
-    slots = [cache.allocate() for _ in batch_sizes[-1:] for _ in range(batch_sizes[-1])]
-    for slot in slots:  # shared filler context
-        model(torch.randint(0, model.cfg.vocab_size, (context,)), model.layout([slot], [0], [context]), cache)
-
-    def forward_ms(num_new: list[int]) -> float:
-        used = slots[: len(num_new)]
-        tokens = torch.randint(0, model.cfg.vocab_size, (sum(num_new),))
-        layout = model.layout(used, [context] * len(used), num_new)
-        began = time.perf_counter()
-        model(tokens, layout, cache)
-        elapsed = (time.perf_counter() - began) * 1000
-        for slot in used:
-            cache.rollback(slot, context)
-        return elapsed
-
-    shapes = {f"tokens_{n}": [n] for n in new_tokens} | {f"batch_{b}": [1] * b for b in batch_sizes}
-    samples: dict[str, list[float]] = {k: [] for k in shapes}
-    for _ in range(reps):  # interleaved rounds: drift hits every shape alike
-        for key, num_new in shapes.items():
-            samples[key].append(forward_ms(num_new))
-    ms = {k: round(_median(v), 2) for k, v in samples.items()}
-    return {
-        "context": context,
-        "ms_per_forward": ms,
-        "relative_to_one_token": {k: round(v / ms["tokens_1"], 3) for k, v in ms.items()},
-    }
-
-
 def run_bench(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -179,8 +147,8 @@ def run_bench(config: BenchConfig) -> dict:
         report["speedup_vs_transformers"] = {
             n: _ratio(rows, n, "transformers") for n in runners if n != "transformers"
         }
-    if config.cost_curve:
-        report["cost_curve"] = cost_curve(model)
+    if config.cost_curve:  # the scheduler's cost profile, without a drafter
+        report["cost_profile"] = measure_profile(model, None, 16, "bench").model_dump()
     report["prompts"] = rows
     write_json(config.output, report)
     summary = {k: v for k, v in report.items() if k not in ("prompts", "config")}

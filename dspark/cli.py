@@ -95,6 +95,26 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from dspark.engine import Engine
+    from dspark.scheduling import VerificationConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = _engine_config(
+        args, max_batch_size=args.max_batch_size,
+        verification=VerificationConfig(policy="scheduler", profile_cache=not args.remeasure),
+    )  # fmt: skip
+    profile = Engine(config).policy.profile
+    text = json.dumps(profile.model_dump(), indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import logging
 
@@ -169,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--repeats", type=int, default=2)
     load.add_argument("--output", default="results/load.json")
     load.set_defaults(func=_bench_load)
+
+    prof = sub.add_parser("profile", help="the scheduler's cost profile of this machine (cached; JSON)")
+    _engine_args(prof)
+    prof.add_argument("--max-batch-size", type=int, default=8)
+    prof.add_argument("--remeasure", action="store_true", help="measure again, ignoring the cache")
+    prof.add_argument("--output", default=None)
+    prof.set_defaults(func=_profile)
 
     tr = sub.add_parser("train", help="train a DSpark drafter (data generation, training, calibration)")
     tr.add_argument("--config", default=None, help="YAML TrainConfig (e.g. configs/drafter_smollm2.yaml)")

@@ -226,11 +226,15 @@ def prefill(model: Transformer, cache, slot: int, tokens: Sequence[int]) -> None
         model(torch.tensor(list(tokens)), model.layout([slot], [0], [len(tokens)]), cache)
 
 
-def test_ragged_batch_equals_requests_alone(ragged_model):
+SHORT_BLOCKS = [(23, 6), (9, 1), (40, 17), (0, 12)]  # a verify block, a decode step, a chunk, a prefill
+MIXED = [(23, 6), (9, 1), (10, 50), (0, 12)]  # with a chunk long enough to take the per-request path
+
+
+@pytest.mark.parametrize("shapes", [SHORT_BLOCKS, MIXED], ids=["short-blocks", "mixed"])
+def test_ragged_batch_equals_requests_alone(ragged_model, shapes):
+    """(cached length, new tokens) per request: batched logits and cache lengths equal each request's."""
     model = ragged_model
     vocab = model.cfg.vocab_size
-    # (cached length, new tokens): a verify block, a decode step, a prompt chunk, a fresh prefill
-    shapes = [(23, 6), (9, 1), (40, 17), (0, 12)]
     histories = [random_tokens(c + n, vocab, seed=10 + i) for i, (c, n) in enumerate(shapes)]
 
     alone = []

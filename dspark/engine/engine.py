@@ -61,6 +61,19 @@ def _truncated(draft: Draft, k: int) -> Draft:
     return Draft(draft.tokens[:k], probs, confidences, scores)
 
 
+ESTIMATOR_FEATURES = 3
+
+
+def _estimator_features(request: Request, draft: Draft) -> list[list[float]]:
+    """Per draft position: the proposer's score (an n-gram's match length); how far into its output the
+    request is (the first drafts of an answer are rarely right: they copy the prompt's template); and the
+    request's own acceptance so far, smoothed toward 1/2 (a request that keeps accepting goes on)."""
+    progress = min(len(request.output_ids), 32) / 32
+    history = (request.stats.accepted + 1) / (request.stats.drafted + 2)
+    scores = draft.scores if draft.scores is not None else [0.0] * len(draft.tokens)
+    return [[score, progress, history] for score in scores]
+
+
 def build_verification_policy(
     config: EngineConfig, model: Transformer, proposer: Proposer | None
 ) -> VerificationPolicy:
@@ -109,7 +122,9 @@ class Engine:
             self.observers.append(self.proposer)  # type: ignore[arg-type]
         self.hidden_layers = sorted({layer for o in self.observers for layer in observed_layers(o)})
         self.policy = build_verification_policy(config, self.model, self.proposer)
-        self.estimator = OnlineAcceptanceEstimator(max_positions=max(config.num_speculative_tokens, 1))
+        self.estimator = OnlineAcceptanceEstimator(
+            max(config.num_speculative_tokens, 1), num_features=ESTIMATOR_FEATURES
+        )
         self._features: dict[int, torch.Tensor] = {}
         self.cache = self.model.new_cache(config.max_batch_size, config.max_model_len)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
@@ -144,7 +159,9 @@ class Engine:
         *,
         messages: list[dict] | None = None,
         request_id: str | None = None,
+        speculate: bool = True,
     ) -> str:
+        """Queue a request; `speculate=False` decodes it without drafts (the output is the same)."""
         ids = self.encode_prompt(prompt, messages)
         if not ids:
             raise ValueError("prompt: must contain at least one token")
@@ -155,7 +172,9 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
-        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id)
+        if request_id is not None and any(r.request_id == request_id for r in (*self.waiting, *self.running)):
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id, speculate)
         self.waiting.append(request)
         return request.request_id
 
@@ -219,6 +238,8 @@ class Engine:
 
     def _draft_limit(self, s: _Scheduled) -> int:
         r = s.request
+        if not r.speculate:
+            return 0
         room = self.config.max_model_len - r.num_cached - len(s.chunk)
         return max(0, min(self.config.num_speculative_tokens, r.remaining_tokens - 1, room))
 
@@ -228,22 +249,30 @@ class Engine:
             return
         finals = [s for s in scheduled if s.final]
         wanted = [(s, k) for s in finals if (k := self._draft_limit(s)) > 0]
-        shape = StepShape(len(scheduled), sum(len(s.chunk) for s in scheduled), len(finals))
+        decoding = sum(len(s.chunk) == 1 for s in scheduled)
+        prefill = sum(len(s.chunk) for s in scheduled if len(s.chunk) > 1)
+        shape = StepShape(decoding, decoding, len(finals), prefill)
         if not wanted or not self.policy.wants_drafts(shape, len(wanted)):
             return
         drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
         drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafts, strict=True)]
-        confidences = [self._confidences(s.request, d) for (s, _), d in zip(wanted, drafts, strict=True)]
+        confidences = self._confidences([s.request for s, _ in wanted], drafts)
         lengths = self.policy.lengths(confidences, shape)
         for (s, _), draft, k in zip(wanted, drafts, lengths, strict=True):
             s.draft = _truncated(draft, k) if k else None
 
-    def _confidences(self, request: Request, draft: Draft) -> np.ndarray:
-        """The drafter's own confidences, else the online estimator's from the draft's scores."""
-        if draft.confidences is not None:
-            return draft.confidences.double().numpy()
-        scores = draft.scores if draft.scores is not None else [0.0] * len(draft.tokens)
-        return self.estimator.confidences(scores, request.params.greedy)
+    def _confidences(self, requests: list[Request], drafts: list[Draft]) -> list[np.ndarray]:
+        """The drafter's own confidences, else the online estimator's from the drafts' features."""
+        if all(d.confidences is not None for d in drafts):
+            return [d.confidences.double().numpy() for d in drafts]
+        estimated = self.estimator.confidences_many(
+            [_estimator_features(r, d) for r, d in zip(requests, drafts, strict=True)],
+            [r.params.greedy for r in requests],
+        )
+        return [
+            d.confidences.double().numpy() if d.confidences is not None else e
+            for d, e in zip(drafts, estimated, strict=True)
+        ]
 
     def _forward(self, scheduled: list[_Scheduled]) -> torch.Tensor:
         tokens: list[int] = []
@@ -303,8 +332,8 @@ class Engine:
     def _commit(self, s: _Scheduled, drafted: int, accepted: int, new_tokens: list[int]) -> RequestOutput:
         r = s.request
         if s.draft is not None and s.draft.confidences is None and drafted:
-            scores = s.draft.scores if s.draft.scores is not None else [0.0] * drafted
-            self.estimator.update(scores, drafted, accepted, r.params.greedy)
+            features = _estimator_features(r, s.draft)  # before this step's outcome joins the request's stats
+            self.estimator.update(features, drafted, accepted, r.params.greedy)
         self._observe(r, s.first_row, len(s.chunk) + accepted)
         r.num_cached += len(s.chunk) + accepted  # the accepted drafts are cached; the new token is not
         self.cache.rollback(r.slot, r.num_cached)

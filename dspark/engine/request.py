@@ -37,11 +37,13 @@ class Request:
         params: SamplingParams,
         tokenizer,
         request_id: str | None = None,
+        speculate: bool = True,
     ) -> None:
         self.request_id = request_id if request_id is not None else f"req-{next(_request_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
+        self.speculate = speculate
         self.generator: torch.Generator | None = make_generator(params.seed)
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self.stop_matcher = StopStringMatcher(params.stop)

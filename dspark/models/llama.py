@@ -7,6 +7,7 @@ over all tokens of the batch at once; attention runs per request against its own
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -32,16 +33,27 @@ class BatchLayout:
     positions: torch.Tensor = field(init=False)
     masks: list[torch.Tensor | None] = field(init=False)
 
-    table: torch.Tensor = field(init=False)  # [requests, 3] rows (slot, start, n) for the native kernel
-    short_blocks: bool = field(init=False)  # every request feeds few tokens: one native attention call
+    # Requests feeding few tokens (decode, verification) share one native attention call; prompt chunks
+    # go one by one. short_table: their (slot, start, n) rows; short_rows: their token rows.
+    short: list[int] = field(init=False)
+    short_table: torch.Tensor = field(init=False)
+    short_rows: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.positions = torch.cat(
             [torch.arange(s, s + n) for s, n in zip(self.starts, self.num_new, strict=True)]
         )
         self.masks = [None] * len(self.slots)  # filled per model: they depend on the GQA group size
-        self.table = torch.tensor(list(zip(self.slots, self.starts, self.num_new, strict=True)))
-        self.short_blocks = max(self.num_new) <= _SHORT_BLOCK_TOKENS
+        self.short = [i for i, n in enumerate(self.num_new) if n <= _SHORT_BLOCK_TOKENS]
+        self.short_table = torch.tensor(
+            [(self.slots[i], self.starts[i], self.num_new[i]) for i in self.short]
+        )
+        offsets = [0, *itertools.accumulate(self.num_new)]
+        self.short_rows = torch.tensor([r for i in self.short for r in range(offsets[i], offsets[i + 1])])
+
+    @property
+    def all_short(self) -> bool:
+        return len(self.short) == len(self.slots)
 
 
 def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
@@ -127,25 +139,30 @@ class Attention(nn.Module):
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, Hkv, d)
         group = H // Hkv
         k_slots, v_slots = cache.k_slots[layer], cache.v_slots[layer]
-        if (
-            len(layout.slots) > 1
-            and layout.short_blocks
-            and self.native is not None
-            and x.dtype == torch.float32
-        ):
-            out = self.native.ragged_attention(q, k, v, cache.k[layer], cache.v[layer], layout.table)
+        native = self.native is not None and x.dtype == torch.float32 and len(layout.short) > 1
+        if native and layout.all_short:  # decode / verification steps: one call for the whole batch
+            out = self.native.ragged_attention(q, k, v, cache.k[layer], cache.v[layer], layout.short_table)
             return self.wo(out.view(T, H * d))
         if len(layout.slots) == 1:  # the batch-1 decode hot path: no gather buffer
             slot, start, mask = layout.slots[0], layout.starts[0], layout.masks[0]
             out = self._attend_one(q, k, v, start, mask, k_slots[slot], v_slots[slot])
             return self.wo(out.reshape(T, H * d))
         out = torch.empty(T, Hkv, group, d, dtype=x.dtype)
+        if native:  # a mixed step: the short blocks in one call, the prompt chunks below
+            rows = layout.short_rows
+            out.view(T, H, d)[rows] = self.native.ragged_attention(
+                q[rows], k[rows], v[rows], cache.k[layer], cache.v[layer], layout.short_table
+            )
+        done = set(layout.short) if native else set()
         offset = 0
-        for slot, start, n, mask in zip(
-            layout.slots, layout.starts, layout.num_new, layout.masks, strict=True
+        for i, (slot, start, n, mask) in enumerate(
+            zip(layout.slots, layout.starts, layout.num_new, layout.masks, strict=True)
         ):
             rows = slice(offset, offset + n)
-            out[rows] = self._attend_one(q[rows], k[rows], v[rows], start, mask, k_slots[slot], v_slots[slot])
+            if i not in done:
+                out[rows] = self._attend_one(
+                    q[rows], k[rows], v[rows], start, mask, k_slots[slot], v_slots[slot]
+                )
             offset += n
         return self.wo(out.view(T, H * d))
 

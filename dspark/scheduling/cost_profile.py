@@ -1,10 +1,11 @@
 """The hardware cost profile: how long a step takes, as the scheduler's SPS(B) curve (paper Section 3.2).
 
-A step of n running requests feeding B tokens in total costs the drafter's time for n requests plus the
-target's forward time for (n, B). Both are measured once per machine, model, thread count and batch limit
-(seconds), cached as JSON, and interpolated: linearly in tokens per request, and in log n between the
-profiled request counts. Per-request work (ragged attention, KV bookkeeping) makes time depend on n, not
-only on B, so the table is two-dimensional.
+A step of n decoding requests feeding B tokens in total costs the drafter's time for n requests plus the
+target's forward time for (n, B), plus, when prompt chunks ride along, their prefill time. All three are
+measured once per machine, model, thread count and batch limit (seconds), cached as JSON, and
+interpolated: linearly in tokens per request, and in log n between the profiled request counts.
+Per-request work (ragged attention, KV bookkeeping) makes time depend on n, not only on B, so the decode
+table is two-dimensional.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 PROFILE_DIR = Path.home() / ".cache" / "dspark" / "profiles"
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
-PROFILE_VERSION = 2  # bump when kernels or the step's code path change what a step costs
+PREFILL_TOKENS = (64, 128, 256, 512)
+PROFILE_VERSION = 3  # bump when kernels or the step's code path change what a step costs
 
 
 class CostProfile(BaseModel):
@@ -43,6 +45,8 @@ class CostProfile(BaseModel):
     tokens_per_request: list[int]  # profiled tokens per request (1 + draft length), ascending
     target_ms: list[list[float]]  # target_ms[i][j]: forward of requests[i] requests x tokens_per_request[j]
     draft_ms: list[float]  # draft_ms[i]: one propose call for requests[i] requests (0 without a drafter)
+    prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
+    prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
 
     def target_seconds(self, num_requests: int, num_tokens: int) -> float:
         per_request = num_tokens / max(num_requests, 1)
@@ -52,13 +56,25 @@ class CostProfile(BaseModel):
     def draft_seconds(self, num_requests: int) -> float:
         return self._across_requests(num_requests, self.draft_ms) / 1000 if num_requests else 0.0
 
-    def step_seconds(self, num_requests: int, num_tokens: int, drafted: bool = True) -> float:
-        draft = self.draft_seconds(num_requests) if drafted else 0.0
-        return draft + self.target_seconds(num_requests, num_tokens)
+    def prefill_seconds(self, num_tokens: int) -> float:
+        """What prompt chunks of `num_tokens` tokens add to a step (beyond a one-token forward)."""
+        if not num_tokens or not self.prefill_tokens:
+            return 0.0
+        ms = _interp_extrapolated(num_tokens, self.prefill_tokens, self.prefill_ms)
+        return max(ms - self.target_ms[0][0], 0.0) / 1000
 
-    def steps_per_second(self, num_requests: int, drafted: bool = True) -> Callable[[int], float]:
-        """SPS(B) for a step of `num_requests` requests: what Algorithm 1 trades against tau."""
-        return lambda num_tokens: 1.0 / self.step_seconds(num_requests, num_tokens, drafted)
+    def step_seconds(
+        self, num_requests: int, num_tokens: int, drafted: bool = True, prefill_tokens: int = 0
+    ) -> float:
+        draft = self.draft_seconds(num_requests) if drafted else 0.0
+        return draft + self.target_seconds(num_requests, num_tokens) + self.prefill_seconds(prefill_tokens)
+
+    def steps_per_second(
+        self, num_requests: int, drafted: bool = True, prefill_tokens: int = 0
+    ) -> Callable[[int], float]:
+        """SPS(B) for a step of `num_requests` decoding requests feeding B tokens (plus prompt chunks of
+        `prefill_tokens` tokens): what Algorithm 1 trades against tau."""
+        return lambda num_tokens: 1.0 / self.step_seconds(num_requests, num_tokens, drafted, prefill_tokens)
 
     def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
         """Interpolate in log(requests); beyond the largest profiled count, scale linearly."""
@@ -140,6 +156,23 @@ def profile_target(model: Transformer, counts: Sequence[int], reps: int = 5) -> 
     ]
 
 
+def profile_prefill(model: Transformer, reps: int = 3) -> list[float]:
+    """Median forward ms of one prompt chunk of each PREFILL_TOKENS length, from an empty slot."""
+    cache = model.new_cache(1, max(PREFILL_TOKENS))
+    slot = cache.allocate()
+
+    def forward(n: int) -> None:
+        model(
+            torch.randint(0, model.cfg.vocab_size, (n,)),
+            model.layout([slot], [0], [n]),
+            cache,
+            torch.tensor([n - 1]),
+        )
+        cache.rollback(slot, 0)
+
+    return [round(_median_ms(lambda n=n: forward(n), reps), 3) for n in PREFILL_TOKENS]
+
+
 def profile_proposer(proposer, model: Transformer, counts: Sequence[int], reps: int = 5) -> list[float]:
     """Median ms of one propose call for n requests of filler context (drafts of the longest length)."""
     if proposer is None:
@@ -174,6 +207,8 @@ def measure_profile(model: Transformer, proposer, max_requests: int, key: str) -
         tokens_per_request=list(TOKENS_PER_REQUEST),
         target_ms=profile_target(model, counts),
         draft_ms=profile_proposer(proposer, model, counts),
+        prefill_tokens=list(PREFILL_TOKENS),
+        prefill_ms=profile_prefill(model),
     )
 
 
@@ -202,5 +237,6 @@ def _describe(profile: CostProfile) -> str:
     return (
         f"target ms, 1 request by tokens {single}; "
         f"{profile.requests[-1]} requests x 1 token {profile.target_ms[-1][0]} ms; "
-        f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))}"
+        f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))}; "
+        f"prefill ms by chunk {dict(zip(profile.prefill_tokens, profile.prefill_ms, strict=True))}"
     )

@@ -36,12 +36,13 @@ class VerificationConfig(BaseModel):
 
 @dataclass
 class StepShape:
-    """The step before any draft token: its requests and tokens (decode and prefill chunks), and the
-    tokens it yields anyway (one per request whose pending tokens it completes)."""
+    """The step before any draft token: its decoding requests and their tokens, the tokens it yields anyway
+    (one per request whose pending tokens it completes), and the prompt-chunk tokens riding along."""
 
     num_requests: int
     num_tokens: int
     num_outputs: int
+    prefill_tokens: int = 0
 
 
 class VerificationPolicy(Protocol):
@@ -115,7 +116,7 @@ class ScheduledVerification:
         return self._schedule(confidences, shape)
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        sps = self.profile.steps_per_second(shape.num_requests)
+        sps = self.profile.steps_per_second(shape.num_requests, prefill_tokens=shape.prefill_tokens)
         return schedule_prefixes(
             confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs
         )
@@ -124,11 +125,13 @@ class ScheduledVerification:
         """Would typical drafts raise expected tokens/s above not drafting (no draft time, no drafts)?"""
         typical = [self.typical] * num_drafting
         lengths = self._schedule(typical, shape)
-        sps = self.profile.steps_per_second(shape.num_requests)
+        sps = self.profile.steps_per_second(shape.num_requests, prefill_tokens=shape.prefill_tokens)
         with_drafts = (shape.num_outputs + expected_accepted(typical, lengths)) * sps(
             shape.num_tokens + sum(lengths)
         )
-        plain = self.profile.steps_per_second(shape.num_requests, drafted=False)(shape.num_tokens)
+        plain = self.profile.steps_per_second(shape.num_requests, False, shape.prefill_tokens)(
+            shape.num_tokens
+        )
         return with_drafts > shape.num_outputs * plain
 
     def _observe(self, confidences: Sequence[np.ndarray], decay: float = 0.99) -> None:

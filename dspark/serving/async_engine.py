@@ -1,0 +1,113 @@
+"""The engine behind an asyncio front end: one background thread steps the engine, requests stream.
+
+`Engine` is single-threaded; every call into it (add, abort, step) holds one lock. The loop thread steps
+while there is work and sleeps on an event otherwise. Each request's outputs go to its own asyncio queue
+on the caller's event loop. A consumer that stops early (client cancel, disconnect) aborts its request,
+which frees the KV slot before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from dspark.engine import Engine, RequestOutput
+from dspark.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop died; in-flight requests get this instead of hanging."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        speculate: bool = True,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; raises ValueError for invalid input before anything is streamed."""
+        if self._failure is not None:
+            raise EngineStopped(f"engine loop failed: {self._failure}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            rid = self.engine.add_request(
+                prompt, params, messages=messages, request_id=request_id, speculate=speculate
+            )
+            self._streams[rid] = stream
+        self._work.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineStopped(f"engine loop failed: {item}") from item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the consumer left early: free the slot now
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+
+    def load(self) -> dict[str, int]:
+        """What a router balances on: running and waiting requests."""
+        with self._lock:
+            return {"running": len(self.engine.running), "waiting": len(self.engine.waiting)}
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._work.wait()
+                with self._lock:
+                    outputs = self.engine.step()
+                    if not self.engine.has_unfinished():
+                        self._work.clear()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as err:  # never leave a client waiting on a dead loop
+            log.exception("engine loop failed")
+            self._failure = err
+            for rid in list(self._streams):
+                self._deliver(rid, err)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
