@@ -148,7 +148,7 @@ def run_bench(config: BenchConfig) -> dict:
             n: _ratio(rows, n, "transformers") for n in runners if n != "transformers"
         }
     if config.cost_curve:  # the scheduler's cost profile, without a drafter
-        report["cost_profile"] = measure_profile(model, None, 16, "bench").model_dump()
+        report["cost_profile"] = measure_profile(model, None, 16, 16, "bench").model_dump()
     report["prompts"] = rows
     write_json(config.output, report)
     summary = {k: v for k, v in report.items() if k not in ("prompts", "config")}

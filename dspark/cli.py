@@ -10,19 +10,24 @@ from pathlib import Path
 DEFAULT_GAMMA = {"dspark": 7, "ngram": 4, "none": 0}
 
 
-def _engine_args(p: argparse.ArgumentParser, proposer: str = "ngram") -> None:
+def _engine_args(p: argparse.ArgumentParser, proposer: str = "ngram", policy: str = "scheduler") -> None:
     p.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     p.add_argument("--proposer", choices=["none", "ngram", "dspark"], default=proposer)
     p.add_argument("--drafter", default="default", help="DSpark drafter folder ('default': the shipped one)")
     p.add_argument("--gamma", type=int, default=None, help="draft length (0 = plain decoding; default: "
                    "7 for dspark, 4 for ngram)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--policy", choices=["none", "fixed", "threshold", "scheduler"], default=policy,
+                   help=f"verification policy (default: {policy}; scheduler: the hardware-aware prefix "
+                   "scheduler)")  # fmt: skip
 
 
 def _engine_config(args: argparse.Namespace, **overrides):
     from dspark.engine import EngineConfig
+    from dspark.scheduling import VerificationConfig
 
     gamma = args.gamma if args.gamma is not None else DEFAULT_GAMMA[args.proposer]
+    overrides.setdefault("verification", VerificationConfig(policy=args.policy))
     return EngineConfig(
         model=args.model, proposer=args.proposer, drafter=args.drafter, num_speculative_tokens=gamma,
         num_threads=args.threads, **overrides,
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="accepted length tau per dataset/domain; writes JSON and a PNG")
-    _engine_args(ev, proposer="dspark")
+    _engine_args(ev, proposer="dspark", policy="fixed")  # tau of whole drafts
     ev.add_argument("--prompts", default=None, help="JSONL prompt file (default: shared dev prompts)")
     ev.add_argument("--num-prompts", type=int, default=None)
     ev.add_argument("--max-tokens", type=int, default=128)

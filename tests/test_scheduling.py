@@ -45,7 +45,8 @@ def test_profile_interpolates_tokens_and_requests():
 
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     proposer = NgramProposer(max_draft=16)
-    measured = load_or_measure(default_model, proposer, 2, tmp_path)
+    measured = load_or_measure(default_model, proposer, 2, 6, tmp_path)
+    assert measured.tokens_per_request == [1, 2, 3, 5, 7]  # up to 1 + the longest draft
     assert measured.requests == [1, 2]
     assert all(ms > 0 for row in measured.target_ms for ms in row)
     # more tokens never cost much less (allowing timing noise), more requests cost more
@@ -54,7 +55,7 @@ def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     assert measured.target_ms[1][-1] > measured.target_ms[0][-1]
     files = list(tmp_path.iterdir())
     assert len(files) == 1
-    cached = load_or_measure(default_model, proposer, 2, tmp_path)
+    cached = load_or_measure(default_model, proposer, 2, 6, tmp_path)
     assert cached == measured  # read back, not re-measured
 
 

@@ -81,7 +81,9 @@ def build_verification_policy(
     profile = None
     if config.verification.policy == "scheduler" and proposer is not None:
         directory = PROFILE_DIR if config.verification.profile_cache else None
-        profile = load_or_measure(model, proposer, config.max_batch_size, directory)
+        profile = load_or_measure(
+            model, proposer, config.max_batch_size, config.num_speculative_tokens, directory
+        )
     return build_policy(config.verification, profile)
 
 

@@ -31,9 +31,9 @@ from dspark.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = Path.home() / ".cache" / "dspark" / "profiles"
-TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length
+TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
-PREFILL_TOKENS = (64, 128, 256, 512)
+PREFILL_TOKENS = (32, 128, 512)
 PROFILE_VERSION = 3  # bump when kernels or the step's code path change what a step costs
 
 
@@ -102,13 +102,18 @@ class _ProfileRequest:
     generator: torch.Generator | None = None
 
 
-def profile_key(model: Transformer, max_requests: int, proposer_name: str) -> str:
+def tokens_grid(max_draft: int) -> list[int]:
+    """Profiled tokens per request: the grid up to 1 + the longest draft, which is always included."""
+    return sorted({*(t for t in TOKENS_PER_REQUEST if t < 1 + max_draft), 1 + max_draft})
+
+
+def profile_key(model: Transformer, max_requests: int, max_draft: int, proposer_name: str) -> str:
     cfg = model.cfg
     parts = [
         platform.machine(), platform.processor(), str(torch.get_num_threads()), torch.__version__,
         str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
         f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
-        str(max_requests), proposer_name, str(PROFILE_VERSION),
+        str(max_requests), str(max_draft), proposer_name, str(PROFILE_VERSION),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -120,19 +125,21 @@ def request_counts(max_requests: int) -> list[int]:
     return sorted({*counts, max_requests})
 
 
-def _median_ms(run: Callable[[], None], reps: int, budget_ms: float = 150.0) -> float:
-    """Median of up to `reps` timings; slow shapes stop early (their noise is relatively small)."""
-    times: list[float] = []
-    while len(times) < reps and sum(times) < budget_ms:
-        began = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times)
+def _interleaved_medians(runs: dict, rounds: int = 3) -> dict:
+    """Median ms of each run over `rounds` interleaved rounds: a slow spell on this shared machine then
+    hits every shape alike instead of skewing the few measured during it (the scheduler uses ratios)."""
+    times: dict = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            began = time.perf_counter()
+            run()
+            times[key].append((time.perf_counter() - began) * 1000)
+    return {key: round(statistics.median(t), 3) for key, t in times.items()}
 
 
-def profile_target(model: Transformer, counts: Sequence[int], reps: int = 5) -> list[list[float]]:
+def profile_target(model: Transformer, counts: Sequence[int], grid: Sequence[int]) -> list[list[float]]:
     """Median forward ms for each (requests, tokens per request), over filler context."""
-    max_new = max(TOKENS_PER_REQUEST)
+    max_new = max(grid)
     cache = model.new_cache(max(counts), PROFILE_CONTEXT + max_new)
     slots = [cache.allocate() for _ in range(max(counts))]
     filler = torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,))
@@ -150,13 +157,12 @@ def profile_target(model: Transformer, counts: Sequence[int], reps: int = 5) -> 
             cache.rollback(slot, PROFILE_CONTEXT)
 
     forward(1, 1)  # warm-up
-    return [
-        [round(_median_ms(lambda n=n, t=t: forward(n, t), reps), 3) for t in TOKENS_PER_REQUEST]
-        for n in counts
-    ]
+    shapes = [(n, t) for n in counts for t in grid]
+    ms = _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
+    return [[ms[n, t] for t in grid] for n in counts]
 
 
-def profile_prefill(model: Transformer, reps: int = 3) -> list[float]:
+def profile_prefill(model: Transformer) -> list[float]:
     """Median forward ms of one prompt chunk of each PREFILL_TOKENS length, from an empty slot."""
     cache = model.new_cache(1, max(PREFILL_TOKENS))
     slot = cache.allocate()
@@ -170,10 +176,11 @@ def profile_prefill(model: Transformer, reps: int = 3) -> list[float]:
         )
         cache.rollback(slot, 0)
 
-    return [round(_median_ms(lambda n=n: forward(n), reps), 3) for n in PREFILL_TOKENS]
+    ms = _interleaved_medians({n: lambda n=n: forward(n) for n in PREFILL_TOKENS})
+    return [ms[n] for n in PREFILL_TOKENS]
 
 
-def profile_proposer(proposer, model: Transformer, counts: Sequence[int], reps: int = 5) -> list[float]:
+def profile_proposer(proposer, model: Transformer, counts: Sequence[int], max_draft: int) -> list[float]:
     """Median ms of one propose call for n requests of filler context (drafts of the longest length)."""
     if proposer is None:
         return [0.0] * len(counts)
@@ -186,45 +193,45 @@ def profile_proposer(proposer, model: Transformer, counts: Sequence[int], reps: 
         if layers:
             features = torch.randn(PROFILE_CONTEXT - 1, model.cfg.hidden_size * len(layers))
             proposer.observe(r, features)
-    max_len = max(TOKENS_PER_REQUEST) - 1
+    max_len = max(max_draft, 1)
     try:
         proposer.propose(requests[:1], [max_len])  # warm-up
-        return [
-            round(_median_ms(lambda n=n: proposer.propose(requests[:n], [max_len] * n), reps), 3)
-            for n in counts
-        ]
+        ms = _interleaved_medians(
+            {n: lambda n=n: proposer.propose(requests[:n], [max_len] * n) for n in counts}
+        )
+        return [ms[n] for n in counts]
     finally:
         if layers:
             for r in requests:
                 proposer.release(r)
 
 
-def measure_profile(model: Transformer, proposer, max_requests: int, key: str) -> CostProfile:
-    counts = request_counts(max_requests)
+def measure_profile(model: Transformer, proposer, max_requests: int, max_draft: int, key: str) -> CostProfile:
+    counts, grid = request_counts(max_requests), tokens_grid(max_draft)
     return CostProfile(
         key=key,
         requests=counts,
-        tokens_per_request=list(TOKENS_PER_REQUEST),
-        target_ms=profile_target(model, counts),
-        draft_ms=profile_proposer(proposer, model, counts),
+        tokens_per_request=grid,
+        target_ms=profile_target(model, counts, grid),
+        draft_ms=profile_proposer(proposer, model, counts, max_draft),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=profile_prefill(model),
     )
 
 
 def load_or_measure(
-    model: Transformer, proposer, max_requests: int, directory: Path | None = PROFILE_DIR
+    model: Transformer, proposer, max_requests: int, max_draft: int, directory: Path | None = PROFILE_DIR
 ) -> CostProfile:
     """The cached profile of this machine, model and drafter, measured (seconds) when missing."""
     name = getattr(proposer, "name", "none")
-    key = profile_key(model, max_requests, name)
+    key = profile_key(model, max_requests, max_draft, name)
     path = directory / f"{key}.json" if directory is not None else None
     if path is not None and path.exists():
         profile = CostProfile.model_validate_json(path.read_text())
         log.info("cost profile %s (cached): %s", path, _describe(profile))
         return profile
     began = time.perf_counter()
-    profile = measure_profile(model, proposer, max_requests, key)
+    profile = measure_profile(model, proposer, max_requests, max_draft, key)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(profile.model_dump(), indent=1))
