@@ -120,6 +120,18 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dspark.serving.config import ServeConfig
+    from dspark.serving.launch import serve_forever
+
+    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    config = ServeConfig.model_validate(values)
+    serve_forever(config, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import logging
 
@@ -201,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--remeasure", action="store_true", help="measure again, ignoring the cache")
     prof.add_argument("--output", default=None)
     prof.set_defaults(func=_profile)
+
+    srv = sub.add_parser("serve", help="start the Ray Serve application locally (gRPC + OpenAI HTTP)")
+    srv.add_argument("--config", default=None, help="YAML ServeConfig (default: built-in defaults)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.set_defaults(func=_serve)
 
     tr = sub.add_parser("train", help="train a DSpark drafter (data generation, training, calibration)")
     tr.add_argument("--config", default=None, help="YAML TrainConfig (e.g. configs/drafter_smollm2.yaml)")

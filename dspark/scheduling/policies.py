@@ -31,6 +31,9 @@ class VerificationConfig(BaseModel):
     threshold: float = Field(0.3, gt=0, lt=1, description="prefix survival cut-off of policy 'threshold'")
     draft_gate: bool = Field(True, description="scheduler: skip drafting when it cannot pay off")
     explore_every: int = Field(16, ge=1, description="scheduler: draft at least every n-th gated step")
+    min_gain: float = Field(
+        0.01, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
+    )
     profile_cache: bool = Field(True, description="cache the cost profile per machine and model")
 
 
@@ -94,8 +97,11 @@ class ScheduledVerification:
 
     name = "scheduler"
 
-    def __init__(self, profile: CostProfile, draft_gate: bool = True, explore_every: int = 16) -> None:
+    def __init__(
+        self, profile: CostProfile, draft_gate: bool = True, explore_every: int = 16, min_gain: float = 0.0
+    ) -> None:
         self.profile = profile
+        self.min_gain = min_gain
         self.draft_gate = draft_gate
         self.explore_every = explore_every
         self.typical = np.zeros(0)  # running mean confidence per position
@@ -118,8 +124,9 @@ class ScheduledVerification:
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
         sps = self.profile.steps_per_second(shape.num_requests, prefill_tokens=shape.prefill_tokens)
         return schedule_prefixes(
-            confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs
-        )
+            confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs,
+            min_gain=self.min_gain,
+        )  # fmt: skip
 
     def _pays_off(self, shape: StepShape, num_drafting: int) -> bool:
         """Would typical drafts raise expected tokens/s above not drafting (no draft time, no drafts)?"""
@@ -132,7 +139,7 @@ class ScheduledVerification:
         plain = self.profile.steps_per_second(shape.num_requests, False, shape.prefill_tokens)(
             shape.num_tokens
         )
-        return with_drafts > shape.num_outputs * plain
+        return with_drafts > shape.num_outputs * plain * (1 + self.min_gain)
 
     def _observe(self, confidences: Sequence[np.ndarray], decay: float = 0.99) -> None:
         for c in confidences:
@@ -155,4 +162,4 @@ def build_policy(config: VerificationConfig, profile: CostProfile | None) -> Ver
         return ConfidenceThreshold(config.threshold)
     if profile is None:
         raise ValueError("policy 'scheduler' needs a cost profile")
-    return ScheduledVerification(profile, config.draft_gate, config.explore_every)
+    return ScheduledVerification(profile, config.draft_gate, config.explore_every, config.min_gain)

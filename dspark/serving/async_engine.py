@@ -79,6 +79,10 @@ class AsyncEngine:
         with self._lock:
             self.engine.abort(request_id)
 
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
     def load(self) -> dict[str, int]:
         """What a router balances on: running and waiting requests."""
         with self._lock:

@@ -15,6 +15,7 @@ from dspark.sampling import SamplingParams
 from dspark.serving.api import ChatMessage, GenerationInput, describe
 from dspark.serving.async_engine import AsyncEngine
 from dspark.v1 import dspark_pb2 as pb
+from dspark.v1 import dspark_pb2_grpc as pb_grpc
 
 
 def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> GenerationInput:
@@ -56,6 +57,19 @@ def response(out, request_id: str) -> pb.GenerateResponse:
     return message
 
 
+class InvalidRequest(ValueError):
+    """A request the server refuses; the message names the offending field."""
+
+
+async def _responses(first, outputs) -> AsyncIterator[pb.GenerateResponse]:
+    try:
+        yield response(first, first.request_id)
+        async for out in outputs:
+            yield response(out, out.request_id)
+    finally:
+        await outputs.aclose()  # a cancelled call closes this stream, which aborts the request
+
+
 class DSparkService:
     """Implements the service's three RPCs (grpc.aio servicer signatures)."""
 
@@ -64,25 +78,34 @@ class DSparkService:
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:  # noqa: N802
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        """grpc.aio servicer method: an invalid request aborts with INVALID_ARGUMENT before streaming."""
+        try:
+            stream = await self.start(request)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        async for message in stream:
+            yield message
+
+    async def start(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Validate and submit a request; returns its response stream, first output already produced (so
+        every input error surfaces here as InvalidRequest, naming the field)."""
         try:
             if request.model and request.model != self.model_id:
                 raise ValueError(f"model: unknown model {request.model!r} (serving {self.model_id!r})")
             spec = generation_input(request, self.default_max_tokens)
-            stream = self.engine.generate(
+            outputs = self.engine.generate(
                 spec.prompt, spec.sampling, messages=spec.chat(), speculate=spec.speculation,
                 request_id=spec.request_id,
             )  # fmt: skip
-            first = await anext(stream)
+            first = await anext(outputs)
         except ValidationError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, describe(err))
+            raise InvalidRequest(describe(err)) from err
         except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        yield response(first, first.request_id)
-        async for out in stream:
-            yield response(out, out.request_id)
+            raise InvalidRequest(str(err)) from err
+        return _responses(first, outputs)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         config = self.engine.engine.config
         info = pb.ModelInfo(
             id=self.model_id, proposer=config.proposer if config.speculative else "none",
@@ -90,7 +113,17 @@ class DSparkService:
         )  # fmt: skip
         return pb.ListModelsResponse(models=[info])
 
-    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:  # noqa: N802
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         load = self.engine.load()
         status = pb.HealthResponse.NOT_SERVING if self.engine.failed else pb.HealthResponse.SERVING
         return pb.HealthResponse(status=status, running=load["running"], waiting=load["waiting"])
+
+
+def add_service(server: grpc.aio.Server, service: DSparkService, reflection: bool = True) -> None:
+    """Register the service (and server reflection, so grpcurl and friends can list it) on a server."""
+    pb_grpc.add_DSparkServicer_to_server(service, server)
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection
+
+        names = (pb.DESCRIPTOR.services_by_name["DSpark"].full_name, grpc_reflection.SERVICE_NAME)
+        grpc_reflection.enable_server_reflection(names, server)

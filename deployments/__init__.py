@@ -1,0 +1,1 @@
+"""Ray Serve applications (import paths for `serve run` and KubeRay serveConfigV2)."""

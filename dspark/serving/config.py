@@ -1,0 +1,34 @@
+"""Serving configuration: the engine plus replica resources and scaling (pydantic, read from YAML)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dspark.engine import EngineConfig
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve autoscaling on ongoing requests per replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(120, ge=0)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = "SmolLM2-135M-Instruct"
+    engine: EngineConfig = EngineConfig(
+        max_batch_size=16,
+        verification={"policy": "scheduler"},  # type: ignore[arg-type]
+    )
+    default_max_tokens: int = Field(256, ge=1, description="when a request sets no max_tokens")
+    num_cpus: float = Field(2, gt=0, description="CPUs per replica (its engine threads)")
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
