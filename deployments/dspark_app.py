@@ -41,7 +41,7 @@ class DSparkServer:
         self.grpc = DSparkService(self.engine, cfg.model_id, cfg.default_max_tokens)
         self.openai = OpenAIHandlers(self.engine, cfg.model_id, cfg.default_max_tokens)
 
-    # ---- OpenAI-compatible HTTP -----------------------------------------------------------------------------
+    # ---- OpenAI-compatible HTTP ---------------------------------------------------------------------------
 
     @http_app.get("/v1/models")
     def models(self) -> dict:
@@ -55,9 +55,9 @@ class DSparkServer:
     async def chat_completions(self, body: ChatCompletionRequest):
         return await self.openai.chat_completions(body)
 
-    # ---- gRPC (the proxy calls methods by RPC name) --------------------------------------------------------
+    # ---- gRPC (the proxy calls methods by RPC name) ------------------------------------------------------
 
-    async def Generate(  # noqa: N802
+    async def Generate(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -69,10 +69,10 @@ class DSparkServer:
         async for message in stream:
             yield message
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return await self.grpc.ListModels(request, None)
 
-    async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:  # noqa: N802
+    async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:
         return await self.grpc.Health(request, None)
 
     def check_health(self) -> None:

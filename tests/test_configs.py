@@ -9,9 +9,29 @@ import yaml
 
 from dspark.drafters.dspark.train import TrainConfig
 from dspark.engine import EngineConfig
+from dspark.serving.config import ServeConfig
+
+
+class ServeAppConfig:
+    """A Ray Serve config file: Ray's own schema, and each application's args as a ServeConfig."""
+
+    @staticmethod
+    def model_validate(values: dict) -> None:
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.parse_obj(values)
+        for app in schema.applications:
+            assert app.import_path == "deployments.dspark_app:build_app"
+            ServeConfig.model_validate(app.args)
+
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODELS = {"engine.yaml": EngineConfig, "drafter_smollm2.yaml": TrainConfig}
+MODELS = {
+    "engine.yaml": EngineConfig,
+    "drafter_smollm2.yaml": TrainConfig,
+    "serve.yaml": ServeConfig,
+    "serve_app.yaml": ServeAppConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

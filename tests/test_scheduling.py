@@ -117,7 +117,7 @@ def test_scheduler_runs_algorithm_1_on_the_profile():
     policy = build_policy(VerificationConfig(policy="scheduler"), profile)
     shape = StepShape(num_requests=3, num_tokens=7, num_outputs=3)  # 4 prefill tokens ride along
     sps = profile.steps_per_second(3)
-    expected = schedule_prefixes(CONFIDENCES, sps, base_tokens=7, base_outputs=3, min_gain=0.01)
+    expected = schedule_prefixes(CONFIDENCES, sps, base_tokens=7, base_outputs=3, min_gain=0.02)
     assert policy.lengths(CONFIDENCES, shape) == expected
     # an idle target (1 request) takes the cheap second token, a loaded one (4 requests) does not
     cheap = policy.lengths([np.array([0.6, 0.5])], StepShape(1, 1, 1))
@@ -142,5 +142,5 @@ def test_min_gain_refuses_thin_admissions():
     """A second token costing 11% more time and surviving with 0.12 gains 0.9% in expectation."""
     sps = {1: 1.0, 2: 1 / 1.11}.__getitem__  # the second token costs 11% more time
     assert schedule_prefixes([[0.12]], sps) == [1]  # 1.12 / 1.11 > 1: admitted by Algorithm 1
-    assert schedule_prefixes([[0.12]], sps, min_gain=0.01) == [0]  # +0.9% < 1%: refused
-    assert schedule_prefixes([[0.5]], sps, min_gain=0.01) == [1]
+    assert schedule_prefixes([[0.12]], sps, min_gain=0.02) == [0]  # +0.9% < 2%: refused
+    assert schedule_prefixes([[0.5]], sps, min_gain=0.02) == [1]

@@ -40,7 +40,7 @@ def reference(default_model, tokenizer) -> str:
     return "".join(o.text for o in outs)
 
 
-# ---- gRPC ---------------------------------------------------------------------------------------------------
+# ---- gRPC -------------------------------------------------------------------------------------------------
 
 
 def _run(coro):
@@ -86,17 +86,17 @@ def test_grpc_list_models_and_health(engine):
     assert health.status == pb.HealthResponse.SERVING
 
 
-@pytest.mark.parametrize(
-    ("request_", "field"),
-    [
-        (_chat_request(temperature=-1.0), "sampling.temperature"),
-        (_chat_request(top_p=1.5), "sampling.top_p"),
-        (pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=4)), "prompt or messages"),
-        (pb.GenerateRequest(prompt="hi", model="gpt-5"), "model"),
-        (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])),
-         "messages.0.role"),
-    ],  # fmt: skip
-)
+BAD_ROLE = pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])
+BAD_REQUESTS = [
+    (_chat_request(temperature=-1.0), "sampling.temperature"),
+    (_chat_request(top_p=1.5), "sampling.top_p"),
+    (pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=4)), "prompt or messages"),
+    (pb.GenerateRequest(prompt="hi", model="gpt-5"), "model"),
+    (pb.GenerateRequest(chat=BAD_ROLE), "messages.0.role"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), BAD_REQUESTS)
 def test_grpc_bad_request_is_invalid_argument(engine, request_, field):
     async def body(stub):
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -124,7 +124,7 @@ def test_grpc_cancel_frees_the_slot(engine):
     assert engine.engine.cache.num_free == engine.engine.config.max_batch_size
 
 
-# ---- OpenAI HTTP --------------------------------------------------------------------------------------------
+# ---- OpenAI HTTP ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

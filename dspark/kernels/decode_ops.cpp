@@ -19,6 +19,23 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return _mm_cvtss_f32(s);
 }
 
+// One query row against keys/values [0, length): o += softmax(q.K^T * scale) V. p: scratch of >= length.
+inline void attend_row(const float* qv, const float* K, const float* V, int64_t length, int64_t d, float scale,
+                       float* p, float* o) {
+  float max_score = -INFINITY;
+  for (int64_t j = 0; j < length; ++j) {
+    p[j] = dot(qv, K + j * d, d) * scale;
+    max_score = std::max(max_score, p[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
+  for (int64_t j = 0; j < length; ++j) {
+    const float pj = p[j] / total;
+    const float* vj = V + j * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += pj * vj[c];
+  }
+}
+
 }  // namespace
 
 // y = x / sqrt(mean(x^2) + eps) * w, row by row (fp32).
@@ -59,21 +76,9 @@ torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k,
     const float* K = k.data_ptr<float>() + h * k.stride(0);
     const float* V = v.data_ptr<float>() + h * v.stride(0);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t length = start + r % n + 1;
-      const float* qv = q.data_ptr<float>() + (h * rows + r) * d;
-      float* o = out.data_ptr<float>() + (h * rows + r) * d;
-      float max_score = -INFINITY;
-      for (int64_t j = 0; j < length; ++j) {
-        p[j] = dot(qv, K + j * d, d) * scale;
-        max_score = std::max(max_score, p[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
-      for (int64_t j = 0; j < length; ++j) {
-        const float pj = p[j] / total;
-        const float* vj = V + j * d;
-        for (int64_t i = 0; i < d; ++i) o[i] += pj * vj[i];
-      }
+      const int64_t row = h * rows + r;
+      attend_row(q.data_ptr<float>() + row * d, K, V, start + r % n + 1, d, scale, p.data(),
+                 out.data_ptr<float>() + row * d);
     }
   }
   return out;
@@ -128,21 +133,8 @@ torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k
       const float* V = VC + (slot * Hkv + h / group) * max_len * d;
       p.resize(start + n);
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t length = start + i + 1, row = (offsets[r] + i) * H + h;
-        const float* qv = Q + row * d;
-        float* o = O + row * d;
-        float max_score = -INFINITY;
-        for (int64_t j = 0; j < length; ++j) {
-          p[j] = dot(qv, K + j * d, d) * scale;
-          max_score = std::max(max_score, p[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
-        for (int64_t j = 0; j < length; ++j) {
-          const float pj = p[j] / total;
-          const float* vj = V + j * d;
-          for (int64_t c = 0; c < d; ++c) o[c] += pj * vj[c];
-        }
+        const int64_t row = (offsets[r] + i) * H + h;
+        attend_row(Q + row * d, K, V, start + i + 1, d, scale, p.data(), O + row * d);
       }
     }
   });

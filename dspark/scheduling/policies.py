@@ -32,7 +32,7 @@ class VerificationConfig(BaseModel):
     draft_gate: bool = Field(True, description="scheduler: skip drafting when it cannot pay off")
     explore_every: int = Field(16, ge=1, description="scheduler: draft at least every n-th gated step")
     min_gain: float = Field(
-        0.01, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
+        0.02, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
     )
     profile_cache: bool = Field(True, description="cache the cost profile per machine and model")
 

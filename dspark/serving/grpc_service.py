@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from pydantic import ValidationError
 
-from dspark.sampling import SamplingParams
-from dspark.serving.api import ChatMessage, GenerationInput, describe
+from dspark.serving.api import GenerationInput, describe
 from dspark.serving.async_engine import AsyncEngine
 from dspark.v1 import dspark_pb2 as pb
 from dspark.v1 import dspark_pb2_grpc as pb_grpc
@@ -34,10 +33,10 @@ def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> Ge
     kind = request.WhichOneof("input")
     return GenerationInput(
         prompt=request.prompt if kind == "prompt" else None,
-        messages=[ChatMessage(role=m.role, content=m.content) for m in request.chat.messages]
+        messages=[{"role": m.role, "content": m.content} for m in request.chat.messages]
         if kind == "chat"
         else None,
-        sampling=SamplingParams.model_validate(sampling),
+        sampling=sampling,
         speculation=request.speculation if request.HasField("speculation") else True,
         request_id=request.request_id or None,
     )
