@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
 from dspark.drafters.dspark.blocks import block_mask, make_blocks, sample_anchors, score_blocks
 from dspark.drafters.dspark.checkpoint import load_drafter, save_drafter
@@ -204,19 +204,5 @@ def test_sampled_output_follows_the_targets_distribution(
         completions += [tuple(outs[i][:2]) for i in ids]
     assert spec.stats.accepted > 0 and spec.stats.drafted > spec.stats.accepted
 
-    with torch.no_grad():
-        p1 = torch.softmax(hf_model(torch.tensor([prompt])).logits[0, -1].double(), -1)
-        top1 = p1.topk(4).indices.tolist()
-        cells, probs = [], []
-        for t1 in top1:
-            p2 = torch.softmax(hf_model(torch.tensor([[*prompt, t1]])).logits[0, -1].double(), -1)
-            for t2 in p2.topk(3).indices.tolist():
-                cells.append((t1, t2))
-                probs.append(float(p1[t1] * p2[t2]))
-    kept = [i for i, p in enumerate(probs) if p * n >= 5]  # chi-square needs >= 5 expected per cell
-    observed = [sum(c == cells[i] for c in completions) for i in kept]
-    observed.append(n - sum(observed))
-    expected = [probs[i] * n for i in kept]
-    expected.append(n - sum(expected))
-    assert len(kept) >= 3
-    assert chisquare(observed, expected).pvalue > 1e-3
+    p1, p2 = first_two_token_probs(hf_model, prompt)
+    assert first_two_token_pvalue(completions, p1, p2) > 1e-3

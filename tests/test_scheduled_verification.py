@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
 from dspark.engine import Engine, EngineConfig
 from dspark.proposers import Draft, DraftRequest
@@ -74,13 +74,7 @@ class ParityProposer:
 def test_sampled_output_with_the_scheduler_follows_the_target(default_model, tokenizer, hf_model):
     """Chi-square on (t1, t2): t2 is the verified first draft token (or the bonus when cut to 0)."""
     prompt = tokenizer.encode("The most important thing in life is")
-    with torch.no_grad():
-        p1 = torch.softmax(hf_model(torch.tensor([prompt])).logits[0, -1].double(), -1)
-        top1 = p1.topk(4).indices.tolist()
-        p2 = {
-            t1: torch.softmax(hf_model(torch.tensor([[*prompt, t1]])).logits[0, -1].double(), -1)
-            for t1 in top1
-        }
+    p1, p2 = first_two_token_probs(hf_model, prompt)
     # Draft rows near the target's: its top-8 next tokens after each likely t1, flattened toward uniform.
     first = {}
     for t1, dist in p2.items():
@@ -110,15 +104,4 @@ def test_sampled_output_with_the_scheduler_follows_the_target(default_model, tok
     assert stats.steps > stats.drafted_at[0]  # and some requests were cut to 0
     assert stats.accepted > 0
 
-    cells, probs = [], []
-    for t1 in top1:
-        for t2 in p2[t1].topk(3).indices.tolist():
-            cells.append((t1, t2))
-            probs.append(float(p1[t1] * p2[t1][t2]))
-    kept = [i for i, p in enumerate(probs) if p * n >= 5]  # chi-square needs >= 5 expected per cell
-    observed = [sum(c == cells[i] for c in completions) for i in kept]
-    observed.append(n - sum(observed))
-    expected = [probs[i] * n for i in kept]
-    expected.append(n - sum(expected))
-    assert len(kept) >= 3
-    assert chisquare(observed, expected).pvalue > 1e-3
+    assert first_two_token_pvalue(completions, p1, p2) > 1e-3
