@@ -22,6 +22,8 @@ from dspark.models.kv_cache import KVCache
 from dspark.models.linear import Linear
 from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
+_EMPTY_ROWS = torch.empty(0, dtype=torch.long)
+
 
 @dataclass
 class BatchLayout:
@@ -44,16 +46,20 @@ class BatchLayout:
             [torch.arange(s, s + n) for s, n in zip(self.starts, self.num_new, strict=True)]
         )
         self.masks = [None] * len(self.slots)  # filled per model: they depend on the GQA group size
-        self.short = [i for i, n in enumerate(self.num_new) if n <= _SHORT_BLOCK_TOKENS]
+        # Only a batch with several short blocks uses the native call; batch-1 decode skips this bookkeeping.
+        short = [i for i, n in enumerate(self.num_new) if n <= _SHORT_BLOCK_TOKENS]
+        self.short = short if len(short) > 1 else []
         self.short_table = torch.tensor(
             [(self.slots[i], self.starts[i], self.num_new[i]) for i in self.short]
         )
-        offsets = [0, *itertools.accumulate(self.num_new)]
-        self.short_rows = torch.tensor([r for i in self.short for r in range(offsets[i], offsets[i + 1])])
+        self.short_rows = _EMPTY_ROWS
+        if self.short and len(self.short) < len(self.slots):  # a mixed step gathers its short rows
+            offsets = [0, *itertools.accumulate(self.num_new)]
+            self.short_rows = torch.tensor([r for i in self.short for r in range(offsets[i], offsets[i + 1])])
 
     @property
     def all_short(self) -> bool:
-        return len(self.short) == len(self.slots)
+        return bool(self.short) and len(self.short) == len(self.slots)
 
 
 def _block_causal_bias(start: int, n: int, group: int) -> torch.Tensor | None:
