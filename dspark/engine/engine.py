@@ -23,7 +23,7 @@ import torch
 
 from dspark.engine.config import EngineConfig, resolve_drafter_dir
 from dspark.engine.request import Request, RequestOutput
-from dspark.engine.stats import SpecStats
+from dspark.engine.stats import SpecStats, StepReport
 from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
 from dspark.proposers import Draft, NgramProposer, Proposer, TargetObserver, observed_layers
@@ -135,6 +135,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SpecStats()
+        self.last_step = StepReport()
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         self._admit()
+        self.last_step = StepReport(running=len(self.running), waiting=len(self.waiting))
         if not self.running:
             return []
         scheduled = self._schedule()
@@ -254,12 +256,17 @@ class Engine:
         decoding = sum(len(s.chunk) == 1 for s in scheduled)
         prefill = sum(len(s.chunk) for s in scheduled if len(s.chunk) > 1)
         shape = StepShape(decoding, decoding, len(finals), prefill)
+        report = self.last_step
+        report.could_draft = len(wanted)
         if not wanted or not self.policy.wants_drafts(shape, len(wanted)):
+            report.gated = bool(wanted)
             return
         drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
         drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafts, strict=True)]
         confidences = self._confidences([s.request for s, _ in wanted], drafts)
         lengths = self.policy.lengths(confidences, shape)
+        report.offered = sum(len(d.tokens) for d in drafts)
+        report.verified = sum(min(k, len(d.tokens)) for d, k in zip(drafts, lengths, strict=True))
         for (s, _), draft, k in zip(wanted, drafts, lengths, strict=True):
             s.draft = _truncated(draft, k) if k else None
 
@@ -376,6 +383,9 @@ class Engine:
             r.slot = None
         for observer in self.observers:
             observer.release(r)
+        unobserving = self.proposer if self.proposer not in self.observers else None
+        if hasattr(unobserving, "release"):  # a stateful proposer that does not observe (a remote n-gram)
+            unobserving.release(r)
 
     # ---- conveniences -----------------------------------------------------------------------------------
 

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel
+
+
+@dataclass
+class StepReport:
+    """What one engine step did with speculation (serving metrics and autoscaling read it)."""
+
+    running: int = 0
+    waiting: int = 0
+    could_draft: int = 0  # requests allowed to speculate this step
+    gated: bool = False  # the policy skipped drafting altogether (drafts could not pay at this batch)
+    offered: int = 0  # draft tokens the proposer offered
+    verified: int = 0  # draft tokens the policy sent to verification
+
+    @property
+    def squeeze(self) -> float:
+        """Share of the offered speculation the policy cut (1 when it skipped drafting); 0 when none could."""
+        if self.gated:
+            return 1.0
+        return 1.0 - self.verified / self.offered if self.offered else 0.0
 
 
 class SpecStats(BaseModel):

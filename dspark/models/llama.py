@@ -8,9 +8,10 @@ over all tokens of the batch at once; attention runs per request against its own
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,14 @@ from dspark.models.linear import Linear
 from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 _EMPTY_ROWS = torch.empty(0, dtype=torch.long)
+
+
+class TensorParallelLeader(Protocol):
+    """Rank 0's side of tensor parallelism (dspark.distributed.tensor_parallel)."""
+
+    def new_cache(self, cache: KVCache) -> None: ...
+
+    def forward(self, tokens: torch.Tensor, layout: BatchLayout, cache: KVCache) -> None: ...
 
 
 @dataclass
@@ -231,10 +240,19 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.native = None
+        # Tensor parallelism: o_proj and down_proj outputs are partial sums over this rank's heads / columns;
+        # `all_reduce` (in place) completes them so every rank carries the full residual stream.
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x, cos, sin, layout, cache, layer: int) -> torch.Tensor:
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps, self.native), cos, sin, layout, cache, layer)
-        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps, self.native))
+        attn = self.attn(rms_norm(x, self.attn_norm, self.eps, self.native), cos, sin, layout, cache, layer)
+        if self.all_reduce is not None:
+            self.all_reduce(attn)
+        h = x + attn
+        mlp = self.mlp(rms_norm(h, self.mlp_norm, self.eps, self.native))
+        if self.all_reduce is not None:
+            self.all_reduce(mlp)
+        return h + mlp
 
 
 @dataclass
@@ -252,6 +270,8 @@ class Transformer(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.native = None
+        # Set on rank 0 of a tensor-parallel group: mirrors new caches and forward inputs to the other ranks.
+        self.tp_leader: TensorParallelLeader | None = None
         cos, sin = self.rope_buffers(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -265,7 +285,13 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's {cfg.max_position_embeddings} positions")
-        return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, self.embed.dtype)
+        cache = KVCache(
+            cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, self.embed.dtype,
+            self.embed.device,
+        )  # fmt: skip
+        if self.tp_leader is not None:
+            self.tp_leader.new_cache(cache)
+        return cache
 
     def pack_weights(self) -> None:
         """Switch to the fastest CPU kernels: packed / native matmuls, native norm and decode attention."""
@@ -306,6 +332,8 @@ class Transformer(nn.Module):
                 )
             if start + n > cache.max_len:
                 raise ValueError(f"slot {slot} would exceed the cache length {cache.max_len}")
+        if self.tp_leader is not None:
+            self.tp_leader.forward(tokens, layout, cache)
         cos, sin = self.rope_cos[layout.positions, None], self.rope_sin[layout.positions, None]
         x = F.embedding(tokens, self.embed)
         hidden: dict[int, torch.Tensor] = {}
@@ -316,6 +344,8 @@ class Transformer(nn.Module):
         for slot, start, n in zip(layout.slots, layout.starts, layout.num_new, strict=True):
             cache.lengths[slot] = start + n
         if logit_rows is not None:
+            if logit_rows.numel() == 0:  # tensor-parallel followers: rank 0 computes the logits
+                return ForwardOutput(logits=x.new_empty(0, self.cfg.vocab_size), hidden=hidden)
             x = x.index_select(0, logit_rows)
         logits = self.lm_head(rms_norm(x, self.norm, self.cfg.rms_norm_eps, self.native))
         return ForwardOutput(logits=logits, hidden=hidden)

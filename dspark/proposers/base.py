@@ -47,7 +47,10 @@ class Proposer(Protocol):
     name: str
 
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
-        """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed)."""
+        """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed).
+
+        A proposer that keeps per-request state may also define `release(request)`; the engine calls it
+        when the request ends."""
         ...
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from dspark.engine import Engine, RequestOutput
 from dspark.sampling import SamplingParams
+from dspark.serving.monitor import ServingMonitor
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, monitor: ServingMonitor | None = None) -> None:
         self.engine = engine
+        self.monitor = monitor
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -61,6 +63,8 @@ class AsyncEngine:
                 prompt, params, messages=messages, request_id=request_id, speculate=speculate
             )
             self._streams[rid] = stream
+            if self.monitor is not None:
+                self.monitor.on_arrival(rid)
         self._work.set()
         finished = False
         try:
@@ -101,6 +105,8 @@ class AsyncEngine:
                 self._work.wait()
                 with self._lock:
                     outputs = self.engine.step()
+                    if self.monitor is not None:
+                        self.monitor.on_step(self.engine, outputs)
                     if not self.engine.has_unfinished():
                         self._work.clear()
                 for out in outputs:

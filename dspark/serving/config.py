@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from dspark.engine import EngineConfig
@@ -17,6 +19,9 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
+    policy: Literal["ongoing_requests", "budget_aware"] = Field(
+        "budget_aware", description="budget_aware also scales out while the scheduler squeezes speculation"
+    )
 
 
 class ServeConfig(BaseModel):
@@ -28,7 +33,13 @@ class ServeConfig(BaseModel):
         verification={"policy": "scheduler"},  # type: ignore[arg-type]
     )
     default_max_tokens: int = Field(256, ge=1, description="when a request sets no max_tokens")
-    num_cpus: float = Field(2, gt=0, description="CPUs per replica (its engine threads)")
-    num_gpus: float = Field(0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="target shards (rank 0: the replica)")
+    drafter_placement: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="drafter in the rank-0 process, or in its own actor (an extra hop per step)"
+    )
+    num_cpus: float = Field(2, gt=0, description="CPUs per target rank (its engine threads)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per target rank")
+    drafter_num_cpus: float = Field(1, gt=0, description="CPUs of a disaggregated drafter actor")
+    drafter_num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue")
     autoscaling: AutoscalingConfig = AutoscalingConfig()

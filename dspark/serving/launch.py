@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
 
@@ -19,9 +21,13 @@ def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, hos
     from ray.serve.config import gRPCOptions
 
     from deployments.dspark_app import build_app
+    from deployments.workers import placement_bundles
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # A laptop may have fewer cores than the configured ranks ask for: advertise enough logical CPUs
+        # (the ranks then share cores, as threads would).
+        needed = sum(b["CPU"] for b in placement_bundles(config)) * config.autoscaling.max_replicas + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), log_to_driver=False)
     serve.start(
         http_options={"host": host, "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
