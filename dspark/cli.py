@@ -127,6 +127,11 @@ def _serve(args: argparse.Namespace) -> int:
     from dspark.serving.launch import serve_forever
 
     values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    for key in ("tensor_parallel_size", "drafter_placement"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.proposer is not None:
+        values.setdefault("engine", {})["proposer"] = args.proposer
     config = ServeConfig.model_validate(values)
     serve_forever(config, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host)
     return 0
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--tensor-parallel-size", type=int, default=None, help="target ranks per replica")
+    srv.add_argument("--drafter-placement", choices=["colocated", "disaggregated"], default=None)
+    srv.add_argument("--proposer", choices=["ngram", "dspark", "none"], default=None)
     srv.set_defaults(func=_serve)
 
     tr = sub.add_parser("train", help="train a DSpark drafter (data generation, training, calibration)")

@@ -301,9 +301,13 @@ def build_report(
     )
 
 
-async def run_load(config: LoadConfig) -> LoadReport:
-    """Warm up, then run the measured closed loop against `config.target` and aggregate the results."""
-    prompts = _prompts(config)
+async def run_load(config: LoadConfig, stub=None) -> LoadReport:
+    """Warm up, then run the measured closed loop against `config.target` and aggregate the results.
+
+    `stub`: anything with the DSpark stub's `Generate` (an in-process service, to measure what serving
+    adds); by default a grpc.aio channel to `config.target`."""
+    if stub is not None:
+        return await _measure(stub, config)
     async with grpc.aio.insecure_channel(config.target) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), config.connect_timeout_s)
@@ -311,15 +315,19 @@ async def run_load(config: LoadConfig) -> LoadReport:
             raise ConnectionError(
                 f"no gRPC server reachable at {config.target} within {config.connect_timeout_s} s"
             ) from err
-        stub = pb_grpc.DSparkStub(channel)
-        warmup_errors = 0
-        if config.warmup_requests:
-            warm = await _phase(stub, config, prompts, config.warmup_requests, None, "warmup")
-            warmup_errors = sum(not r.ok for r in warm)
-        start = time.perf_counter()
-        deadline = start + config.duration_s if config.duration_s is not None else None
-        results = await _phase(stub, config, prompts, config.num_requests, deadline, "load")
-        wall = time.perf_counter() - start
+        return await _measure(pb_grpc.DSparkStub(channel), config)
+
+
+async def _measure(stub, config: LoadConfig) -> LoadReport:
+    prompts = _prompts(config)
+    warmup_errors = 0
+    if config.warmup_requests:
+        warm = await _phase(stub, config, prompts, config.warmup_requests, None, "warmup")
+        warmup_errors = sum(not r.ok for r in warm)
+    start = time.perf_counter()
+    deadline = start + config.duration_s if config.duration_s is not None else None
+    results = await _phase(stub, config, prompts, config.num_requests, deadline, "load")
+    wall = time.perf_counter() - start
     return build_report(config, results, wall, warmup_errors)
 
 

@@ -180,3 +180,19 @@ def test_openai_bad_request_is_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL_ID, prompt="", max_tokens=4)
     assert "prompt" in str(err.value)
+
+
+def test_outputs_queued_behind_a_slow_consumer_are_coalesced():
+    from dspark.engine import RequestOutput
+    from dspark.serving.async_engine import _coalesced
+
+    queue: asyncio.Queue = asyncio.Queue()
+    parts = [RequestOutput(request_id="r", token_ids=[i], text=str(i)) for i in range(1, 4)]
+    final = RequestOutput(request_id="r", token_ids=[4], text="4", finished=True, finish_reason="stop")
+    for out in [*parts[1:], final]:
+        queue.put_nowait(out)
+    merged = _coalesced(parts[0], queue)
+    assert merged.token_ids == [1, 2, 3, 4] and merged.text == "1234"
+    assert merged.finished and merged.finish_reason == "stop" and queue.empty()
+    queue.put_nowait(RuntimeError("engine died"))
+    assert isinstance(_coalesced(parts[0], queue), RuntimeError)  # a failure is never swallowed

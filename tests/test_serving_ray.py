@@ -127,6 +127,21 @@ def test_cancel_frees_the_slot(stub):
     assert stub.Health(pb.HealthRequest(), metadata=APP).running == 0
 
 
+def test_metrics_reach_the_prometheus_endpoint(stub):
+    """The replica's speculation and latency metrics are exported (Ray pushes them every few seconds)."""
+    import urllib.request
+
+    _grpc_text(stub, PROMPTS[0])
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {"ray_dspark_output_tokens_total", "ray_dspark_ttft_seconds_bucket", "ray_dspark_queue_length"}
+    deadline, found = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and not wanted <= found:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_dspark_")}
+        time.sleep(2)
+    assert wanted <= found
+
+
 def test_reflection_lists_the_service(cluster):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

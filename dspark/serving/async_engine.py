@@ -69,7 +69,7 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = _coalesced(await stream.queue.get(), stream.queue)
                 if isinstance(item, BaseException):
                     raise EngineStopped(f"engine loop failed: {item}") from item
                 finished = item.finished
@@ -121,3 +121,16 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _coalesced(item: RequestOutput | BaseException, queue: asyncio.Queue) -> RequestOutput | BaseException:
+    """`item` merged with the outputs queued behind it: a consumer that fell behind the engine (a busy
+    replica streaming to many clients) sends one message for several steps instead of one per step."""
+    while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+        following = queue.get_nowait()
+        if isinstance(following, BaseException):
+            return following
+        item = following.model_copy(
+            update={"token_ids": item.token_ids + following.token_ids, "text": item.text + following.text}
+        )
+    return item

@@ -30,7 +30,9 @@ def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, hos
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), log_to_driver=False)
     serve.start(
         http_options={"host": host, "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+        grpc_options=gRPCOptions(
+            port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True
+        ),
     )
     return serve.run(build_app(config.model_dump()), name="dspark", route_prefix="/")
 

@@ -21,6 +21,7 @@ LATENCY_BUCKETS_S = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56
 
 # name -> (kind, description, histogram boundaries)
 METRICS: dict[str, tuple[str, str, list[float] | None]] = {
+    "dspark_output_tokens": ("counter", "tokens streamed to clients", None),
     "dspark_drafted_tokens": ("counter", "draft tokens verified, by draft position", None),
     "dspark_accepted_tokens": ("counter", "draft tokens accepted, by draft position", None),
     "dspark_no_speculation_fallbacks": (
@@ -87,6 +88,7 @@ class ServingMonitor:
     def _latencies(self, out: RequestOutput, now: float) -> None:
         rid = out.request_id
         if out.token_ids:
+            self.sink.record("dspark_output_tokens", len(out.token_ids))
             previous = self._last_token.get(rid)
             if previous is None and rid in self._arrivals:
                 self.sink.record("dspark_ttft_seconds", now - self._arrivals[rid])
