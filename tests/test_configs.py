@@ -19,7 +19,7 @@ class ServeAppConfig:
     def model_validate(values: dict) -> None:
         from ray.serve.schema import ServeDeploySchema
 
-        schema = ServeDeploySchema.parse_obj(values)
+        schema = ServeDeploySchema.model_validate(values)
         for app in schema.applications:
             assert app.import_path == "deployments.dspark_app:build_app"
             ServeConfig.model_validate(app.args)

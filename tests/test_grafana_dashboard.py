@@ -20,9 +20,7 @@ def _queried(dashboard: dict) -> set[str]:
 
 def test_dashboard_queries_only_exported_metrics_and_all_of_them():
     dashboard = json.loads(DASHBOARD.read_text())
-    exported = {
-        f"ray_{name}{suffix}" for name, (kind, _, _) in METRICS.items() for suffix in SUFFIXES[kind]
-    }
+    exported = {f"ray_{name}{suffix}" for name, (kind, _, _) in METRICS.items() for suffix in SUFFIXES[kind]}
     queried = _queried(dashboard)
     assert queried <= exported, queried - exported
     shown = {name for name in METRICS if any(q.startswith(f"ray_{name}") for q in queried)}

@@ -47,9 +47,7 @@ def shard_transformer(model: Transformer, rank: int, world_size: int) -> Transfo
     """Keep only `rank`'s heads and MLP columns (in place); the caller sets the layers' all_reduce."""
     cfg = model.cfg
     if cfg.num_kv_heads < world_size:
-        raise ValueError(
-            f"tensor_parallel_size {world_size} exceeds the model's {cfg.num_kv_heads} KV heads"
-        )
+        raise ValueError(f"tensor_parallel_size {world_size} exceeds the model's {cfg.num_kv_heads} KV heads")
     kv_lo, kv_hi = split_range(cfg.num_kv_heads, world_size, rank)
     mlp_lo, mlp_hi = split_range(cfg.intermediate_size, world_size, rank)
     group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
