@@ -21,6 +21,7 @@ from dspark.models.loader import load_tokenizer, load_transformer, resolve_model
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
 from dspark.scheduling.cost_profile import measure_profile
+from dspark.scheduling.policies import PolicyName, VerificationConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class BenchConfig(BaseModel):
     model: str = "default"
     gammas: list[int] = [4]
     drafters: list[str] = []  # DSpark drafter folders ('default': the shipped one), each at its block size
+    policies: list[PolicyName] = ["fixed"]  # verification policies of every speculative method
     compare_transformers: bool = True
     cost_curve: bool = True
     threads: int | None = None
@@ -91,6 +93,10 @@ def _drafter_label(drafter: str) -> str:
     return "dspark" if drafter == "default" else f"dspark_{Path(drafter).name}"
 
 
+def _policy_label(label: str, policy: PolicyName) -> str:
+    return label if policy == "fixed" else f"{label}_{policy}"
+
+
 def run_bench(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -98,19 +104,23 @@ def run_bench(config: BenchConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     records = load_prompts(config.prompts, config.num_prompts)
 
-    def engine(proposer: str, gamma: int, drafter: str = "default") -> Engine:
+    def engine(proposer: str, gamma: int, drafter: str = "default", policy: PolicyName = "fixed") -> Engine:
         cfg = EngineConfig(
             model=config.model, proposer=proposer, num_speculative_tokens=gamma, max_batch_size=1,
-            max_model_len=4096, drafter=drafter,
+            max_model_len=4096, drafter=drafter, verification=VerificationConfig(policy=policy),
         )  # fmt: skip
         return Engine(cfg, model=model, tokenizer=tokenizer)
 
     plain = engine("none", 0)
     runners: dict[str, Callable[[list[int]], list[int]]] = {"plain": _engine_runner(plain, config.max_tokens)}
-    spec_engines = {f"ngram_g{g}": engine("ngram", g) for g in config.gammas}
-    spec_engines |= {
-        _drafter_label(d): engine("dspark", 64, d) for d in config.drafters
-    }  # capped at the block size
+    spec_engines = {}
+    for policy in config.policies:
+        spec_engines |= {
+            _policy_label(f"ngram_g{g}", policy): engine("ngram", g, policy=policy) for g in config.gammas
+        }
+        spec_engines |= {
+            _policy_label(_drafter_label(d), policy): engine("dspark", 64, d, policy) for d in config.drafters
+        }  # capped at the block size
     runners |= {name: _engine_runner(e, config.max_tokens) for name, e in spec_engines.items()}
     if config.compare_transformers:
         runners["transformers"] = _transformers_runner(

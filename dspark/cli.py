@@ -76,7 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         prompts=args.prompts, num_prompts=args.num_prompts, max_tokens=args.max_tokens, model=args.model,
         gammas=args.gammas, compare_transformers=not args.no_transformers, cost_curve=not args.no_cost_curve,
-        threads=args.threads, output=args.output, drafters=args.drafters,
+        threads=args.threads, output=args.output, drafters=args.drafters, policies=args.policies,
     )  # fmt: skip
     run_bench(config)
     return 0
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="results/bench.json")
     bench.add_argument("--drafters", nargs="*", default=[], help="DSpark drafter folders to compare "
                        "('default': the shipped one)")  # fmt: skip
+    bench.add_argument(
+        "--policies", nargs="+", default=["fixed"], choices=["fixed", "threshold", "scheduler"],
+        help="verification policies of the speculative methods (a suffix in the report)",
+    )  # fmt: skip
     bench.set_defaults(func=_bench)
 
     load = sub.add_parser("bench-load", help="verification policies under closed-loop load; JSON + PNGs")
