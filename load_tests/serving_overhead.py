@@ -72,33 +72,24 @@ async def _measure(target: str, stub, concurrency: int, max_tokens: int, seed: i
     return _summary(await run_load(config, stub))
 
 
-def hop_ms(engine_config, counts=(1, 8), calls: int = 50) -> dict:
-    """Median ms of one propose call, colocated vs through a DraftWorker actor (the per-step hop)."""
-    import time
-
+def hop_ms(engine_config, model, counts=(1, 8)) -> dict:
+    """Median ms of one propose call, colocated vs through a DraftWorker actor (the per-step hop), timed
+    the way the scheduler's cost profile times a drafter."""
     import ray
-    import torch
 
     from deployments.workers import DraftWorker
     from dspark.engine.engine import build_proposer
     from dspark.proposers.remote import RemoteProposer
-    from dspark.scheduling.cost_profile import _ProfileRequest
+    from dspark.scheduling.cost_profile import profile_proposer
 
     worker = DraftWorker.options(num_cpus=1).remote(engine_config.model_dump(), 1)
     name, layers = ray.get(worker.describe.remote())
     remote = RemoteProposer(lambda call: ray.get(worker.handle.remote(call)), name, layers)
-    local = build_proposer(engine_config, None)
+    placements = {"colocated": build_proposer(engine_config, model), "disaggregated": remote}
     out = {}
-    for n in counts:
-        history = torch.randint(0, 49152, (512,)).tolist()
-        requests = [_ProfileRequest(f"hop-{n}-{i}", history) for i in range(n)]
-        for label, proposer in (("colocated", local), ("disaggregated", remote)):
-            times = []
-            for _ in range(calls):
-                began = time.perf_counter()
-                proposer.propose(requests, [4] * n)
-                times.append((time.perf_counter() - began) * 1000)
-            out[f"{label}_ms_{n}_requests"] = round(statistics.median(times), 3)
+    for label, proposer in placements.items():
+        times = profile_proposer(proposer, model, counts, engine_config.num_speculative_tokens)
+        out |= {f"{label}_ms_{n}_requests": round(ms, 3) for n, ms in zip(counts, times, strict=True)}
     ray.kill(worker)
     return out
 
@@ -128,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     start(cfg)
     target = "127.0.0.1:9000"
     engine_config = cfg.engine.model_copy(update={"num_threads": int(cfg.num_cpus)})
-    local = AsyncEngine(Engine(engine_config))
+    engine = Engine(engine_config)
+    local = AsyncEngine(engine)
     stub = InProcessStub(DSparkService(local, cfg.model_id, cfg.default_max_tokens))
     served: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     in_process: dict[int, list[dict]] = {c: [] for c in args.concurrency}
@@ -153,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[c].append(result)
                 print(f"repeat {repeat} c={c} {placement}: {result}", flush=True)
     serve.shutdown()
-    drafter_call_ms = hop_ms(cfg.engine)
+    drafter_call_ms = hop_ms(cfg.engine, engine.model)
     ray.shutdown()
 
     payload = {
