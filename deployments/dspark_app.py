@@ -19,9 +19,10 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from deployments.metrics import RayMetricsSink
 from deployments.workers import placement_bundles, start_replica
+from dspark.errors import InvalidRequestError
 from dspark.serving.async_engine import AsyncEngine
 from dspark.serving.config import ServeConfig
-from dspark.serving.grpc_service import DSparkService, InvalidRequest
+from dspark.serving.grpc_service import DSparkService
 from dspark.serving.monitor import ServingMonitor
 from dspark.serving.openai_api import (
     ChatCompletionRequest,
@@ -67,7 +68,7 @@ class DSparkServer:
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             stream = await self.grpc.start(request)
-        except InvalidRequest as err:
+        except InvalidRequestError as err:
             # Serve's proxy reports a raised error with the status code set here (not INTERNAL).
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             grpc_context.set_details(str(err))

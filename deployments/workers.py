@@ -15,11 +15,12 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from dspark.assembly import build_engine, build_proposer
 from dspark.distributed.tensor_parallel import free_rendezvous, run_follower, start_leader, stop_leader
 from dspark.engine import Engine, EngineConfig
-from dspark.engine.engine import build_proposer
 from dspark.models.loader import load_transformer
-from dspark.proposers.remote import DraftCall, ProposerHost, RemoteProposer
+from dspark.proposers.remote import DraftCall, ProposerHost, ProposerInfo, RemoteProposer
+from dspark.runtime import set_threads
 from dspark.serving.config import ServeConfig
 
 
@@ -36,16 +37,14 @@ class DraftWorker:
     """Hosts the drafter; the engine's RemoteProposer sends it one DraftCall per step."""
 
     def __init__(self, engine_config: dict, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
+        set_threads(threads)
         config = EngineConfig.model_validate(engine_config)
         # A DSpark drafter shares the target's embeddings and LM head; an n-gram drafter needs no model.
         target = load_transformer(config.model) if config.proposer == "dspark" else None
         self.host = ProposerHost(build_proposer(config, target))
 
-    def describe(self) -> tuple[str, tuple[int, ...]]:
-        return self.host.proposer.name, self.host.hidden_layers
+    def describe(self) -> ProposerInfo:
+        return self.host.describe()
 
     def handle(self, call: DraftCall):
         return self.host.handle(call)
@@ -117,7 +116,8 @@ def start_replica(cfg: ServeConfig) -> ReplicaWorkers:
             cfg.engine.model_dump(),
             drafter_threads,
         )
-        name, layers = ray.get(drafter.describe.remote())
-        proposer = RemoteProposer(lambda call: ray.get(drafter.handle.remote(call)), name, layers)
-    engine = Engine(engine_config, model=model, proposer=proposer)
+        info = ray.get(drafter.describe.remote())
+        proposer = RemoteProposer(lambda call: ray.get(drafter.handle.remote(call)), info)
+    # A first start answers at once and measures the cost profile in the replica's idle time, as it serves.
+    engine = build_engine(engine_config, model=model, proposer=proposer, defer_profile=True)
     return ReplicaWorkers(engine, followers, runs, drafter)

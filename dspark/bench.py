@@ -14,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
+from dspark.assembly import build_engine
 from dspark.engine import Engine, EngineConfig
-from dspark.models.loader import load_tokenizer, load_transformer, resolve_model_dir
+from dspark.engine.config import ProposerName
+from dspark.models.loader import resolve_model_dir
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
 from dspark.scheduling.cost_profile import measure_profile
@@ -27,17 +30,23 @@ log = logging.getLogger(__name__)
 
 
 class BenchConfig(BaseModel):
-    prompts: str | None = None
-    num_prompts: int = Field(40, ge=1)
-    max_tokens: int = Field(128, ge=1)
-    model: str = "default"
-    gammas: list[int] = [4]
-    drafters: list[str] = []  # DSpark drafter folders ('default': the shipped one), each at its block size
-    policies: list[PolicyName] = ["fixed"]  # verification policies of every speculative method
-    compare_transformers: bool = True
-    cost_curve: bool = True
-    threads: int | None = None
-    output: str = "results/bench.json"
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str | None = Field(None, description="JSONL prompt file (default: data/dev_prompts.jsonl)")
+    num_prompts: int = Field(40, ge=1, description="prompts, datasets interleaved")
+    max_tokens: int = Field(128, ge=1, description="tokens generated per prompt")
+    model: str = Field("default", description="'default', a Hugging Face folder or a .gguf file")
+    num_speculative_tokens: list[int] = Field([4], description="n-gram draft lengths compared")
+    drafters: list[str] = Field(
+        [], description="DSpark drafter folders compared ('default': the shipped one), each at its block size"
+    )
+    policies: list[PolicyName] = Field(
+        ["fixed"], description="verification policies of every speculative method"
+    )
+    compare_transformers: bool = Field(True, description="time transformers' generate too")
+    cost_curve: bool = Field(True, description="measure the verify cost curve (minutes) after the run")
+    num_threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
+    output: str = Field("results/bench.json", description="report path (JSON)")
 
 
 def _median(xs: list[float]) -> float:
@@ -98,29 +107,38 @@ def _policy_label(label: str, policy: PolicyName) -> str:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    model = load_transformer(config.model)
-    tokenizer = load_tokenizer(config.model)
     records = load_prompts(config.prompts, config.num_prompts)
+    log.info("bench: %d prompts x %d tokens; building engines (a scheduler policy measures the cost profile "
+             "once per machine, a few minutes)", len(records), config.max_tokens)  # fmt: skip
+    plain = build_engine(
+        EngineConfig(
+            model=config.model,
+            proposer="none",
+            max_batch_size=1,
+            max_model_len=4096,
+            num_threads=config.num_threads,
+        )
+    )
 
-    def engine(proposer: str, gamma: int, drafter: str = "default", policy: PolicyName = "fixed") -> Engine:
-        cfg = EngineConfig(
-            model=config.model, proposer=proposer, num_speculative_tokens=gamma, max_batch_size=1,
-            max_model_len=4096, drafter=drafter, verification=VerificationConfig(policy=policy),
-        )  # fmt: skip
-        return Engine(cfg, model=model, tokenizer=tokenizer)
+    def engine(proposer: ProposerName, length: int | None, drafter: str = "default",
+               policy: PolicyName = "fixed") -> Engine:  # fmt: skip
+        cfg = plain.config.model_copy(update={
+            "proposer": proposer, "num_speculative_tokens": length, "drafter": drafter,
+            "verification": VerificationConfig(policy=policy),
+        })  # fmt: skip
+        return build_engine(cfg, model=plain.model, tokenizer=plain.tokenizer)
 
-    plain = engine("none", 0)
     runners: dict[str, Callable[[list[int]], list[int]]] = {"plain": _engine_runner(plain, config.max_tokens)}
     spec_engines = {}
     for policy in config.policies:
         spec_engines |= {
-            _policy_label(f"ngram_g{g}", policy): engine("ngram", g, policy=policy) for g in config.gammas
+            _policy_label(f"ngram_g{n}", policy): engine("ngram", n, policy=policy)
+            for n in config.num_speculative_tokens
         }
-        spec_engines |= {
-            _policy_label(_drafter_label(d), policy): engine("dspark", 64, d, policy) for d in config.drafters
-        }  # capped at the block size
+        spec_engines |= {  # each drafter at its own block size
+            _policy_label(_drafter_label(d), policy): engine("dspark", None, d, policy)
+            for d in config.drafters
+        }
     runners |= {name: _engine_runner(e, config.max_tokens) for name, e in spec_engines.items()}
     if config.compare_transformers:
         runners["transformers"] = _transformers_runner(
@@ -128,7 +146,7 @@ def run_bench(config: BenchConfig) -> dict:
         )
 
     rows = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(tqdm(records, desc="bench prompts", unit="prompt")):
         ids = plain.encode_prompt(messages=[{"role": "user", "content": record.turns[0]}])
         row: dict = {"id": record.id, "dataset": record.dataset, "prompt_tokens": len(ids)}
         outputs = {}
@@ -137,7 +155,7 @@ def run_bench(config: BenchConfig) -> dict:
             row[name] = {"tokens": len(outputs[name]), "seconds": round(seconds, 4)}
         row["identical_outputs"] = all(out == outputs["plain"] for out in outputs.values())
         rows.append(row)
-        log.info(
+        log.debug(
             "prompt %d/%d %s: %s",
             i + 1,
             len(records),
@@ -151,14 +169,15 @@ def run_bench(config: BenchConfig) -> dict:
         "methods": {name: _method_summary(rows, name) for name in runners},
         "speedup_vs_plain": {name: _ratio(rows, name, "plain") for name in runners if name != "plain"},
         "identical_outputs": sum(r["identical_outputs"] for r in rows),
-        "speculation": {name: e.stats.summary() for name, e in spec_engines.items()},
+        "speculation": {name: e.stats.summary().model_dump() for name, e in spec_engines.items()},
     }
     if config.compare_transformers:
         report["speedup_vs_transformers"] = {
             n: _ratio(rows, n, "transformers") for n in runners if n != "transformers"
         }
     if config.cost_curve:  # the scheduler's cost profile, without a drafter
-        report["cost_profile"] = measure_profile(model, None, 16, 16, "bench").model_dump()
+        log.info("measuring the verify cost curve (16 requests x up to 17 tokens)")
+        report["cost_profile"] = measure_profile(plain.model, None, 16, 16, "bench").model_dump()
     report["prompts"] = rows
     write_json(config.output, report)
     summary = {k: v for k, v in report.items() if k not in ("prompts", "config")}

@@ -13,24 +13,35 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
+from dspark.assembly import build_engine
 from dspark.engine import Engine, EngineConfig
 from dspark.engine.stats import SpecStats
 from dspark.prompts import PromptRecord, load_prompts, write_json
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 
 log = logging.getLogger(__name__)
 
 
 class EvalConfig(BaseModel):
-    prompts: str | None = None
-    num_prompts: int | None = Field(None, ge=1, description="None: every prompt")
-    max_tokens: int = Field(128, ge=1)
-    temperatures: list[float] = [0.0, 1.0]
-    engine: EngineConfig = EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=8)
-    seed: int = 0
-    output: str = "results/eval.json"
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str | None = Field(None, description="JSONL prompt file (default: data/dev_prompts.jsonl)")
+    num_prompts: int | None = Field(None, ge=1, description="prompts, datasets interleaved (default: all)")
+    max_tokens: int = Field(128, ge=1, description="tokens generated per prompt")
+    temperatures: list[float] = Field([0.0, 1.0], description="sampling temperatures evaluated")
+    # tau of whole drafts: the eval verifies every drafted token (policy fixed), at the drafter's block size
+    engine: EngineConfig = EngineConfig(
+        proposer="dspark",
+        max_batch_size=8,
+        max_model_len=4096,
+        verification=VerificationConfig(policy="fixed"),
+    )
+    seed: int = Field(0, description="seed of the sampled requests")
+    output: str = Field("results/eval.json", description="report path (JSON; the plot goes next to it)")
 
 
 def _stats_by(records: list[PromptRecord], stats: list[SpecStats], key: str) -> dict[str, SpecStats]:
@@ -59,9 +70,11 @@ def evaluate_temperature(engine: Engine, records: list[PromptRecord], config: Ev
         for r, p in zip(records, params, strict=True)
     ]
     finals = {}
-    for out in engine.run_until_done():
-        if out.finished:
-            finals[out.request_id] = out
+    with tqdm(total=len(ids), desc=f"eval T={t:g}", unit="prompt") as progress:
+        for out in engine.run_until_done():
+            if out.finished:
+                finals[out.request_id] = out
+                progress.update(1)
     stats = [SpecStats.from_summary(finals[i].spec) for i in ids]
     total = SpecStats()
     for s in stats:
@@ -100,7 +113,10 @@ def plot_acceptance(results: list[dict], path: Path) -> None:
 def run_eval(config: EvalConfig) -> dict:
     torch.manual_seed(config.seed)
     records = load_prompts(config.prompts, config.num_prompts)
-    engine = Engine(config.engine)
+    engine = build_engine(config.engine)
+    log.info("eval: %d prompts x %d tokens at temperatures %s, proposer %s, draft length %d",
+             len(records), config.max_tokens, config.temperatures, engine.config.proposer,
+             engine.num_speculative_tokens)  # fmt: skip
     results = []
     for t in config.temperatures:
         results.append(evaluate_temperature(engine, records, config, t))

@@ -1,11 +1,11 @@
 """`dspark bench-load`: verification policies under closed-loop load, in process.
 
 At each concurrency c, c clients each keep one request in flight and send the next prompt when theirs
-finishes, until `requests` have been served. Every policy runs on the same engine (one proposer, one
-code path; only the policy object changes) over the same prompts, greedy, so all policies produce the
-same tokens and differ only in time. Runs are interleaved per concurrency and repeated; the report keeps
-the median repeat. Writes JSON and two PNGs: the throughput / per-user speed frontier, and the mean
-verification length per request against concurrency.
+finishes, until `requests` have been served. Every arm runs on the same engine (one proposer, one code path;
+only the policy object changes; `plain` submits requests with speculation off) over the same prompts, greedy,
+so all arms produce the same tokens and differ only in time. Runs are interleaved per concurrency and
+repeated; the report keeps the median repeat. Writes JSON and two PNGs: the throughput / per-user speed
+frontier, and the mean verification length per request against concurrency.
 """
 
 from __future__ import annotations
@@ -15,36 +15,41 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
 
+from dspark.assembly import build_engine, build_verification_policy
 from dspark.engine import Engine, EngineConfig
-from dspark.engine.config import ProposerName
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
-from dspark.scheduling import VerificationConfig, build_policy
-from dspark.scheduling.policies import PolicyName
+from dspark.scheduling import VerificationPolicy, build_policy
 
 log = logging.getLogger(__name__)
 
 
+LoadArm = Literal["plain", "fixed", "threshold", "scheduler"]  # plain: speculation off, same engine
+
+
 class LoadBenchConfig(BaseModel):
-    prompts: str | None = None
-    concurrency: list[int] = [1, 2, 4, 8, 16, 32]
-    policies: list[PolicyName] = ["none", "fixed", "threshold", "scheduler"]
-    proposer: ProposerName = "ngram"
-    drafter: str = "default"
-    gamma: int = Field(4, ge=1, description="draft length: what 'fixed' verifies, the most others may")
-    threshold: float = Field(0.3, gt=0, lt=1)
-    requests_per_client: int = Field(2, ge=1)
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str | None = Field(None, description="JSONL prompt file (default: data/dev_prompts.jsonl)")
+    concurrency: list[int] = Field([1, 2, 4, 8, 16, 32], description="closed-loop clients, one run each")
+    policies: list[LoadArm] = Field(
+        ["plain", "fixed", "threshold", "scheduler"], description="arms compared (plain: no speculation)"
+    )
+    engine: EngineConfig = Field(
+        EngineConfig(max_model_len=1536), description="the engine (max_batch_size: the largest concurrency)"
+    )
+    requests_per_client: int = Field(2, ge=1, description="requests per client per run")
     min_requests: int = Field(8, ge=1, description="at least this many requests per run (low concurrency)")
-    max_tokens: int = Field(96, ge=1)
-    repeats: int = Field(2, ge=1)
-    model: str = "default"
-    threads: int | None = None
-    output: str = "results/load.json"
+    max_tokens: int = Field(96, ge=1, description="tokens generated per request")
+    repeats: int = Field(2, ge=1, description="interleaved repeats per concurrency (the median is kept)")
+    output: str = Field("results/load.json", description="report path (JSON; PNGs go next to it)")
 
 
 @dataclass
@@ -63,7 +68,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, num_requests: int,
-                params: SamplingParams) -> dict:  # fmt: skip
+                params: SamplingParams, speculate: bool = True) -> dict:  # fmt: skip
     """Serve `num_requests` prompts with `concurrency` clients in flight; return latency and rate metrics."""
     engine.stats = type(engine.stats)()
     traces: dict[str, _Trace] = {}
@@ -71,7 +76,7 @@ def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, num_
 
     def submit() -> None:
         nonlocal next_prompt
-        request_id = engine.add_request(prompts[next_prompt % len(prompts)], params)
+        request_id = engine.add_request(prompts[next_prompt % len(prompts)], params, speculate=speculate)
         traces[request_id] = _Trace(time.perf_counter())
         next_prompt += 1
 
@@ -125,48 +130,57 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def run_load_bench(config: LoadBenchConfig) -> dict:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    engine_config = EngineConfig(
-        model=config.model, proposer=config.proposer, drafter=config.drafter,
-        num_speculative_tokens=config.gamma, max_batch_size=max(config.concurrency), max_model_len=1536,
-        verification=VerificationConfig(policy="scheduler", threshold=config.threshold),
-    )  # fmt: skip
-    engine = Engine(engine_config)
-    policies = {name: _policy(engine, config, name) for name in config.policies}
+    engine_config = config.engine.model_copy(update={"max_batch_size": max(config.concurrency)})
+    engine = build_engine(engine_config)
+    if engine.proposer is None:
+        raise ValueError("engine.proposer: bench-load compares speculation policies; choose ngram or dspark")
+    policies = {name: _policy(engine, name) for name in config.policies}
     records = load_prompts(config.prompts)
     prompts = [engine.encode_prompt(messages=[{"role": "user", "content": r.turns[0]}]) for r in records]
     params = SamplingParams(max_tokens=config.max_tokens)
 
-    engine.policy = policies.get("fixed", next(iter(policies.values())))
+    engine.policy = policies.get("fixed") or _policy(engine, "fixed")
     closed_loop(engine, prompts[-4:], 2, 4, params)  # warm-up (and first estimator fits), unreported
     results: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in config.concurrency} for p in policies}
+    runs = len(config.concurrency) * config.repeats * len(policies)
+    progress = tqdm(total=runs, desc="bench-load runs", unit="run")
     for c in config.concurrency:
         num_requests = max(config.min_requests, c * config.requests_per_client)
         for repeat in range(config.repeats):
             order = list(policies)
             order = order[repeat % len(order) :] + order[: repeat % len(order)]  # rotate: no fixed position
             for name in order:
-                engine.policy = policies[name]
-                run = closed_loop(engine, prompts, c, num_requests, params)
+                if policies[name] is not None:
+                    engine.policy = policies[name]
+                run = closed_loop(engine, prompts, c, num_requests, params, speculate=name != "plain")
                 results[name][c].append(run)
+                progress.update(1)
                 log.info("c=%d %s: %.1f tok/s, per-user %.1f, verify %.2f, tau %.2f", c, name,
                          run["throughput_tokens_per_s"], run["per_user_tokens_per_s"]["median"],
                          run["mean_verification_length"], run["tau"])  # fmt: skip
+    progress.close()
     report = _report(config, policies, results)
     write_json(config.output, report)
     plot_load(report, Path(config.output))
     return report
 
 
-def _policy(engine: Engine, config: LoadBenchConfig, name: str):
+def _policy(engine: Engine, name: LoadArm) -> VerificationPolicy | None:
+    """The arm's policy (None for plain: its requests never draft)."""
+    if name == "plain":
+        return None
+    if name == engine.config.verification.policy:
+        return engine.policy  # built with the engine: a scheduler holds the measured cost profile
+    verification = engine.config.verification.model_copy(update={"policy": name})
     if name == "scheduler":
-        return engine.policy  # built with the engine: it holds the measured cost profile
-    return build_policy(VerificationConfig(policy=name, threshold=config.threshold), None)
+        return build_verification_policy(
+            engine.config.model_copy(update={"verification": verification}), engine.model, engine.proposer
+        )
+    return build_policy(verification, None)
 
 
 def _paired_ratios(results: dict[str, dict[int, list[dict]]], c: int) -> dict:
-    """Scheduler against the better of none and fixed, per repeat (the runs of a repeat are adjacent in
+    """Scheduler against the better of plain and fixed, per repeat (the runs of a repeat are adjacent in
     time, so a slow spell hits them alike), then the median over repeats; likewise per-user vs fixed."""
 
     def rate(name: str, i: int) -> float:
@@ -176,10 +190,10 @@ def _paired_ratios(results: dict[str, dict[int, list[dict]]], c: int) -> dict:
         return results[name][c][i]["per_user_tokens_per_s"]["median"]
 
     repeats = range(len(results["scheduler"][c]))
-    vs_best = [rate("scheduler", i) / max(rate("none", i), rate("fixed", i)) for i in repeats]
+    vs_best = [rate("scheduler", i) / max(rate("plain", i), rate("fixed", i)) for i in repeats]
     vs_fixed_user = [per_user("scheduler", i) / per_user("fixed", i) for i in repeats]
     return {
-        "scheduler_vs_best_of_none_and_fixed": round(statistics.median(vs_best), 3),
+        "scheduler_vs_best_of_plain_and_fixed": round(statistics.median(vs_best), 3),
         "scheduler_per_user_vs_fixed": round(statistics.median(vs_fixed_user), 3),
         "per_repeat_vs_best": [round(x, 3) for x in vs_best],
     }
@@ -190,7 +204,7 @@ def _report(config: LoadBenchConfig, policies: dict, results: dict[str, dict[int
         name: {str(c): _median_run(runs) for c, runs in by_c.items()} for name, by_c in results.items()
     }
     comparison = {}
-    if {"none", "fixed", "scheduler"} <= set(summary):
+    if {"plain", "fixed", "scheduler"} <= set(summary):
         comparison = {str(c): _paired_ratios(results, c) for c in config.concurrency}
     return {
         "config": config.model_dump(),

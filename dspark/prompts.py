@@ -1,4 +1,4 @@
-"""Prompt sets in the shared JSON Lines format: {"id", "dataset", "domain", "turns"}."""
+"""Prompt sets in the JSON Lines format of data/: {"id", "dataset", "domain", "turns"}."""
 
 from __future__ import annotations
 
@@ -20,15 +20,31 @@ class PromptRecord(BaseModel):
     turns: list[str]
 
 
-def shared_datasets_dir() -> Path:
-    """`../shared/datasets` next to the repository (the layout of every checkout of this project)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
+def data_dir() -> Path:
+    """`data/` at the repository root, where the prompt sets ship (see data/README.md)."""
+    return Path(__file__).resolve().parents[1] / "data"
+
+
+def dev_prompts_path() -> Path:
+    return data_dir() / DEV_PROMPTS
+
+
+def train_prompts_path() -> Path:
+    return data_dir() / TRAIN_PROMPTS
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[PromptRecord]:
     """Read a prompt file (default: the dev prompts); with `limit`, take datasets round-robin so that a
     small sample still covers every dataset and domain."""
-    path = Path(path) if path is not None else shared_datasets_dir() / DEV_PROMPTS
+    if path is None:
+        path = dev_prompts_path()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"the default dev prompts {path} are missing: they ship in the repository's data/ directory, "
+                "which an installed (non-editable) package does not include; pass --prompts FILE "
+                "(JSON Lines records {id, dataset, domain, turns})"
+            )
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     records = [

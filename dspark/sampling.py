@@ -11,13 +11,15 @@ from torch import Tensor
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0)  # 0 means greedy
-    top_k: int = Field(0, ge=0)  # 0 disables top-k
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    max_tokens: int = Field(128, ge=1)
-    stop: list[Annotated[str, Field(min_length=1)]] = []
-    ignore_eos: bool = False
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature; 0 is greedy")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens; 0 disables top-k")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int | None = Field(None, description="the request's own RNG seed (reproducible sampling)")
+    max_tokens: int = Field(128, ge=1, description="most tokens to generate")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="stop strings (not in the output)"
+    )
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
 
     @property
     def greedy(self) -> bool:

@@ -62,7 +62,9 @@ class LoadConfig(BaseModel):
     temperature: float = Field(0.0, ge=0)
     speculation: bool = True
     application: str = Field("dspark", description="Ray Serve application metadata; empty: none sent")
-    prompts_file: str | None = Field(None, description="JSONL prompt records; None: the shared dev prompts")
+    prompts_file: str | None = Field(
+        None, description="JSONL prompt records; None: the repository's dev prompts (data/dev_prompts.jsonl)"
+    )
     prompt_limit: int | None = Field(None, ge=1)
     warmup_requests: int = Field(0, ge=0)
     seed: int | None = Field(0, description="shuffles the prompt order; request i samples with seed + i")
@@ -346,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-speculation", action="store_true", help="ask the server not to speculate")
     parser.add_argument("--application", default="dspark", help="Ray Serve app name; '' for a plain server")
-    parser.add_argument("--prompts", default=None, help="JSONL prompt file (default: shared dev prompts)")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="JSONL prompt file (default: the repository's dev prompts, data/dev_prompts.jsonl)",
+    )
     parser.add_argument("--prompt-limit", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests before the run")
     parser.add_argument("--seed", type=int, default=0)

@@ -78,17 +78,19 @@ def hop_ms(engine_config, model, counts=(1, 8)) -> dict:
     import ray
 
     from deployments.workers import DraftWorker
-    from dspark.engine.engine import build_proposer
+    from dspark.assembly import build_proposer, with_draft_length
     from dspark.proposers.remote import RemoteProposer
     from dspark.scheduling.cost_profile import profile_proposer
 
     worker = DraftWorker.options(num_cpus=1).remote(engine_config.model_dump(), 1)
-    name, layers = ray.get(worker.describe.remote())
-    remote = RemoteProposer(lambda call: ray.get(worker.handle.remote(call)), name, layers)
+    remote = RemoteProposer(
+        lambda call: ray.get(worker.handle.remote(call)), ray.get(worker.describe.remote())
+    )
     placements = {"colocated": build_proposer(engine_config, model), "disaggregated": remote}
     out = {}
     for label, proposer in placements.items():
-        times = profile_proposer(proposer, model, counts, engine_config.num_speculative_tokens)
+        length = with_draft_length(engine_config, proposer).num_speculative_tokens
+        times = profile_proposer(proposer, model, counts, length)
         out |= {f"{label}_ms_{n}_requests": round(ms, 3) for n, ms in zip(counts, times, strict=True)}
     ray.kill(worker)
     return out
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from deployments.dspark_app import build_app
-    from dspark.engine import Engine
+    from deployments.launch import start
+    from dspark.assembly import build_engine
     from dspark.serving.async_engine import AsyncEngine
     from dspark.serving.grpc_service import DSparkService
-    from dspark.serving.launch import start
 
     cfg = ServeConfig.model_validate(
         {"engine": {"max_batch_size": max(args.concurrency), "verification": {"policy": "scheduler"}}}
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     start(cfg)
     target = "127.0.0.1:9000"
     engine_config = cfg.engine.model_copy(update={"num_threads": int(cfg.num_cpus)})
-    engine = Engine(engine_config)
+    engine = build_engine(engine_config)
     local = AsyncEngine(engine)
     stub = InProcessStub(DSparkService(local, cfg.model_id, cfg.default_max_tokens))
     served: dict[int, list[dict]] = {c: [] for c in args.concurrency}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shipped DSpark drafter and its no-Markov-head ablation (same budget, one after the other), then
 # evaluate both on the dev prompts and benchmark the drafter end to end. Every stage resumes; logs and
-# results land in logs/ and results/. The first training generates the shared data; the second reuses it.
+# results land in logs/ and results/. The first training generates the training data; the second reuses it.
 # Usage: bash scripts/drafter_experiments.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +12,11 @@ MAIN=drafters/smollm2-135m-dspark
 ABLATION=drafters/smollm2-135m-parallel
 
 $DSPARK train --config $CONFIG --output $MAIN > logs/train_main.log 2>&1
-$DSPARK train --config $CONFIG --output $ABLATION --no-markov > logs/train_ablation.log 2>&1
+$DSPARK train --config $CONFIG --output $ABLATION --no-markov-head > logs/train_ablation.log 2>&1
 for dir in $MAIN $ABLATION; do
   name=$(basename $dir)
-  $DSPARK eval --proposer dspark --drafter $dir --gamma 7 --threads 2 --output results/eval_$name.json \
+  $DSPARK eval --proposer dspark --drafter $dir --num-threads 2 --output results/eval_$name.json \
     > logs/eval_$name.log 2>&1
 done
-$DSPARK bench --num-prompts 24 --max-tokens 128 --gammas 4 --drafters $MAIN --policies fixed scheduler \
-  --no-transformers --no-cost-curve --threads 2 --output results/bench_drafter.json > logs/bench_drafter.log 2>&1
+$DSPARK bench --num-prompts 24 --max-tokens 128 --num-speculative-tokens 4 --drafters $MAIN \
+  --policies fixed scheduler --no-compare-transformers --no-cost-curve --num-threads 2 --output results/bench_drafter.json > logs/bench_drafter.log 2>&1

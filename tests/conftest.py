@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dspark.prompts import DEV_PROMPTS, load_prompts, shared_datasets_dir
+from dspark.prompts import dev_prompts_path, load_prompts
+from dspark.runtime import set_threads
 
-torch.set_num_threads(int(os.environ.get("DSPARK_TEST_THREADS", "2")))
+set_threads(int(os.environ.get("DSPARK_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +45,8 @@ def hf_model():
 
 @pytest.fixture(scope="session")
 def dev_prompts() -> list[str]:
-    """First user turn of every dev prompt; tests using it are skipped when the file is absent."""
-    path = shared_datasets_dir() / DEV_PROMPTS
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return [record.turns[0] for record in load_prompts(path)]
+    """First user turn of every dev prompt (data/dev_prompts.jsonl, part of the repository)."""
+    return [record.turns[0] for record in load_prompts(dev_prompts_path())]
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

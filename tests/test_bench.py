@@ -19,7 +19,7 @@ def test_bench_methods_match_transformers_under_each_policy(tmp_path):
         )
     )
     config = BenchConfig(
-        prompts=str(prompts), num_prompts=2, max_tokens=12, gammas=[2], drafters=["default"],
+        prompts=str(prompts), num_prompts=2, max_tokens=12, num_speculative_tokens=[2], drafters=["default"],
         policies=["fixed", "scheduler"], cost_curve=False, output=str(tmp_path / "bench.json"),
     )  # fmt: skip
     report = run_bench(config)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dspark.drafters.dspark.train import TrainConfig
 from dspark.engine import EngineConfig
 from dspark.serving.config import ServeConfig
+from dspark.training.train import TrainConfig
 
 
 class ServeAppConfig:

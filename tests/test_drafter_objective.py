@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from dspark.drafters.dspark.calibration import expected_calibration_error, fit_sts, prefix_ece
-from dspark.drafters.dspark.data import Sequence
-from dspark.drafters.dspark.losses import drafter_loss, position_weights, target_distribution, total_variation
-from dspark.drafters.dspark.train import build_draft_vocab
+from dspark.training.data import Sequence
+from dspark.training.losses import drafter_loss, position_weights, target_distribution, total_variation
+from dspark.training.train import build_draft_vocab
 
 
 def test_total_variation_is_half_the_l1_distance():
@@ -100,11 +99,7 @@ def test_draft_vocabulary_takes_the_most_produced_tokens():
 def test_train_pipeline_end_to_end_and_resume(tmp_path):
     """A tiny budget through every stage: data from the engine, training, calibration, export, reload."""
     from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
-    from dspark.drafters.dspark.train import TrainConfig, train
-    from dspark.prompts import TRAIN_PROMPTS, shared_datasets_dir
-
-    if not (shared_datasets_dir() / TRAIN_PROMPTS).exists():
-        pytest.skip("the shared training prompts are not next to this checkout")
+    from dspark.training.train import TrainConfig, train
 
     cfg = TrainConfig(
         output=str(tmp_path / "drafter"), data_dir=str(tmp_path / "data"), num_prompts=6,

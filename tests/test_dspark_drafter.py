@@ -12,14 +12,15 @@ import pytest
 import torch
 from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
-from dspark.drafters.dspark.blocks import block_mask, make_blocks, sample_anchors, score_blocks
-from dspark.drafters.dspark.checkpoint import load_drafter, save_drafter
-from dspark.drafters.dspark.data import FeatureRecorder, Sequence
+from dspark.assembly import build_engine
+from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER, load_drafter, save_drafter
 from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
 from dspark.drafters.dspark.proposer import DSparkProposer
-from dspark.engine import Engine, EngineConfig
-from dspark.engine.config import SHIPPED_DRAFTER
+from dspark.engine import EngineConfig
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
+from dspark.training.blocks import block_mask, make_blocks, sample_anchors, score_blocks
+from dspark.training.data import FeatureRecorder, Sequence
 
 LAYERS = [3, 29]
 GAMMA = 4
@@ -46,8 +47,8 @@ def random_drafter(default_model) -> DSparkDrafter:
 def recorded(default_model, tokenizer, to_chat_ids) -> Sequence:
     """A short greedy response with the target features the engine showed its observers."""
     recorder = FeatureRecorder(tuple(LAYERS))
-    engine = Engine(EngineConfig(proposer="none", max_model_len=512), default_model, tokenizer,
-                    observers=[recorder])  # fmt: skip
+    config = EngineConfig(proposer="none", max_model_len=512)
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer, observers=[recorder])
     prompt = to_chat_ids("Name three colors.")
     response = [t for out in engine.stream(prompt, SamplingParams(max_tokens=24)) for t in out.token_ids]
     features = next(iter(recorder.finished.values()))
@@ -172,9 +173,13 @@ def test_shipped_drafter_is_small_and_calibrated():
 def test_greedy_output_is_the_targets_own(
     default_model, tokenizer, shipped_proposer, to_chat_ids, dev_prompts
 ):
-    plain = Engine(EngineConfig(proposer="none", max_batch_size=4), default_model, tokenizer)
-    spec = Engine(EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=4), default_model,
-                  tokenizer, proposer=shipped_proposer)  # fmt: skip
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
+    config = EngineConfig(
+        proposer="dspark", max_batch_size=4, verification=VerificationConfig(policy="fixed")
+    )
+    spec = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=shipped_proposer)
     prompts = [to_chat_ids(p) for p in dev_prompts[:: len(dev_prompts) // 6][:6]]
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     expected = [c.token_ids for c in plain.generate(prompts, params)]
@@ -189,8 +194,10 @@ def test_sampled_output_follows_the_targets_distribution(
 ):
     """Chi-square on (t1, t2): t1 comes from the prompt's forward, t2 from verifying the first draft."""
     prompt = tokenizer.encode("The most important thing in life is")
-    spec = Engine(EngineConfig(proposer="dspark", num_speculative_tokens=7, max_batch_size=8),
-                  default_model, tokenizer, proposer=shipped_proposer)  # fmt: skip
+    config = EngineConfig(
+        proposer="dspark", max_batch_size=8, verification=VerificationConfig(policy="fixed")
+    )
+    spec = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=shipped_proposer)
     n = 600
     # max_tokens 3: after t1 two tokens remain, so the engine drafts (a lone last token needs no draft)
     params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from dspark.assembly import build_engine
 from dspark.engine import Engine, EngineConfig, RequestOutput
-from dspark.proposers import Draft, DraftRequest
+from dspark.proposers import Draft, DraftRequest, Proposer
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
 SHORT_ANSWER = "What is 2+2? Answer with a number only."  # greedy: "2 + 2 = 4" then EOS (8 tokens)
@@ -30,7 +32,8 @@ def make_engine(model, tokenizer, drafter=None, **config) -> Engine:
     """An engine on the shared model; `drafter` is a proposer object, config["proposer"] a built-in name."""
     config.setdefault("max_model_len", 1024)
     config.setdefault("proposer", "none")
-    return Engine(EngineConfig(**config), model=model, tokenizer=tokenizer, proposer=drafter)
+    config.setdefault("verification", VerificationConfig(policy="fixed"))  # whole drafts: exact counts
+    return build_engine(EngineConfig(**config), model=model, tokenizer=tokenizer, proposer=drafter)
 
 
 class Run:
@@ -95,10 +98,11 @@ def check_stats_consistent(stats) -> None:
         assert stats.drafted_at[0] <= stats.steps
 
 
-class RandomProposer:
+class RandomProposer(Proposer):
     """Drafts uniformly random tokens (or, non-deterministic, tokens sampled from random distributions)."""
 
     name = "random"
+    default_num_speculative_tokens = 4
 
     def __init__(self, vocab: int, seed: int = 0, deterministic: bool = True, overdraft: int = 0) -> None:
         self.vocab = vocab
@@ -119,13 +123,14 @@ class RandomProposer:
         return drafts
 
 
-class OracleProposer:
+class OracleProposer(Proposer):
     """Drafts the known greedy continuation; with `rng`, only a random prefix of it, then wrong tokens.
 
     `expected_accepted` counts the drafted tokens that greedy verification must accept.
     """
 
     name = "oracle"
+    default_num_speculative_tokens = 4
 
     def __init__(self, continuations: Sequence[Sequence[int]], vocab: int, rng: random.Random | None = None):
         self.full = [list(c) for c in continuations]
@@ -185,7 +190,6 @@ def plain_runs(default_model, tokenizer, prompt_ids):
 
 ENGINE_VARIANTS = {
     "plain": dict(proposer="none"),
-    "plain-gamma0": dict(proposer="ngram", num_speculative_tokens=0),
     "ngram-g2": dict(proposer="ngram", num_speculative_tokens=2),
     "ngram-g5": dict(proposer="ngram", num_speculative_tokens=5),
     "plain-chunked": dict(proposer="none", max_tokens_per_step=32),
@@ -262,8 +266,8 @@ def test_random_drafts_do_not_change_greedy_output(
     assert stats.accepted <= 0.05 * stats.drafted  # random tokens out of 49k are (almost) never right
     for run in runs:
         spec = run.final.spec
-        assert spec["drafted"] > 0
-        assert spec["accepted"] + spec["steps"] == len(run.token_ids)
+        assert spec.drafted > 0
+        assert spec.accepted + spec.steps == len(run.token_ids)
 
 
 def test_partially_right_drafts_accept_exactly_the_right_prefix(
@@ -293,11 +297,11 @@ def test_oracle_drafts_are_all_accepted(default_model, tokenizer, prompt_ids, pl
     full_steps, rest = divmod(max_tokens, gamma + 1)
     for run in runs:
         spec = run.final.spec
-        assert spec["accepted"] == spec["drafted"]
-        assert spec["steps"] == full_steps + (rest > 0)
-        assert spec["drafted"] == full_steps * gamma + max(rest - 1, 0)
-        assert spec["accepted"] + spec["steps"] == max_tokens
-        assert spec["conditional_acceptance"] == [1.0] * gamma
+        assert spec.accepted == spec.drafted
+        assert spec.steps == full_steps + (rest > 0)
+        assert spec.drafted == full_steps * gamma + max(rest - 1, 0)
+        assert spec.accepted + spec.steps == max_tokens
+        assert spec.conditional_acceptance == [1.0] * gamma
     stats = engine.stats
     check_stats_consistent(stats)
     assert stats.accepted == stats.drafted
@@ -537,7 +541,7 @@ def test_stats_plain_decoding(default_model, tokenizer, prompt_ids):
     assert stats.drafted == stats.accepted == 0 and stats.drafted_at == []
     assert stats.steps == 5 + 9 + 3  # one verification step per token
     for run, n in zip(runs, (5, 9, 3), strict=True):
-        assert run.final.spec["tau"] == 1.0 and run.final.spec["steps"] == n
+        assert run.final.spec.tau == 1.0 and run.final.spec.steps == n
 
 
 def test_stats_ngram_consistent(default_model, tokenizer, prompt_ids):
@@ -547,11 +551,11 @@ def test_stats_ngram_consistent(default_model, tokenizer, prompt_ids):
     check_stats_consistent(stats)
     assert stats.drafted > 0
     assert stats.tau == pytest.approx((stats.accepted + stats.steps) / stats.steps)
-    assert stats.steps == sum(r.final.spec["steps"] for r in runs)
-    assert stats.drafted == sum(r.final.spec["drafted"] for r in runs)
-    assert stats.accepted == sum(r.final.spec["accepted"] for r in runs)
+    assert stats.steps == sum(r.final.spec.steps for r in runs)
+    assert stats.drafted == sum(r.final.spec.drafted for r in runs)
+    assert stats.accepted == sum(r.final.spec.accepted for r in runs)
     for run in runs:  # every emitted token is an accepted draft or a step's correction/bonus token
-        assert run.final.spec["accepted"] + run.final.spec["steps"] == 30
+        assert run.final.spec.accepted + run.final.spec.steps == 30
     assert math.isclose(stats.acceptance_rate, stats.accepted / stats.drafted)
 
 

@@ -1,6 +1,6 @@
 """The KubeRay manifests in k8s/ validate offline: the RayService CRD schema, Ray's Serve schema, ServeConfig.
 
-The CRD's openAPIV3Schema (KubeRay's published ray.io_rayservices.yaml, under shared/kuberay) is an OpenAPI v3
+The CRD's openAPIV3Schema (KubeRay's published ray.io_rayservices.yaml, in k8s/crd/) is an OpenAPI v3
 structural schema; it is turned into JSON Schema the way the API server reads it:
 
 - `x-kubernetes-int-or-string: true` accepts an integer or a string (quantities like `4`, `"500m"`, ports);
@@ -28,7 +28,7 @@ from dspark.serving.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "k8s").glob("*.yaml"))
-CRD_PATH = Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+CRD_PATH = REPO / "k8s" / "crd" / "ray.io_rayservices.yaml"  # see k8s/crd/README.md
 IMPORT_PATH = "deployments.dspark_app:build_app"
 GRPC_SERVICER = "dspark.v1.dspark_pb2_grpc.add_DSparkServicer_to_server"
 
@@ -67,8 +67,6 @@ def _format_checker() -> jsonschema.FormatChecker:
 
 @cache
 def crd() -> dict:
-    if not CRD_PATH.exists():
-        pytest.skip(f"KubeRay RayService CRD not found at {CRD_PATH} (no shared/kuberay next to the repo)")
     return yaml.safe_load(CRD_PATH.read_text())
 
 

@@ -22,7 +22,7 @@ def reference_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[
 
 
 def test_repetition_found():
-    proposer = NgramProposer(min_n=1, max_n=3, max_draft=8)
+    proposer = NgramProposer(min_n=1, max_n=3)
     history = [1, 2, 3, 4, 5, 6, 1, 2, 3]
     assert proposer.propose_tokens(history, k=3) == [4, 5, 6]
 
@@ -44,11 +44,11 @@ def test_match_may_overlap_the_suffix():
     assert NgramProposer(min_n=2, max_n=2).propose_tokens([7, 7, 7], k=4) == [7]
 
 
-def test_k_and_max_draft_cap():
+def test_k_caps_the_draft():
     history = [*range(20), 0, 1]
-    assert NgramProposer(max_draft=8).propose_tokens(history, k=3) == [2, 3, 4]
-    assert NgramProposer(max_draft=2).propose_tokens(history, k=5) == [2, 3]
-    assert NgramProposer(max_draft=0).propose_tokens(history, k=5) == []
+    assert NgramProposer().propose_tokens(history, k=3) == [2, 3, 4]
+    assert NgramProposer().propose_tokens(history, k=2) == [2, 3]
+    assert NgramProposer().propose_tokens(history, k=0) == []
 
 
 def test_draft_truncated_by_history_end():
@@ -67,10 +67,10 @@ def test_min_n_excludes_short_matches():
     assert NgramProposer(min_n=2, max_n=3).propose_tokens([1, 2, 3, 9, 3], k=2) == []
 
 
-@pytest.mark.parametrize(("min_n", "max_n", "max_draft"), [(0, 2, 1), (3, 2, 1), (1, 2, -1)])
-def test_invalid_config(min_n: int, max_n: int, max_draft: int):
+@pytest.mark.parametrize(("min_n", "max_n"), [(0, 2), (3, 2)])
+def test_invalid_config(min_n: int, max_n: int):
     with pytest.raises(ValueError):
-        NgramProposer(min_n=min_n, max_n=max_n, max_draft=max_draft)
+        NgramProposer(min_n=min_n, max_n=max_n)
 
 
 def test_matches_brute_force_on_random_histories():
@@ -82,7 +82,7 @@ def test_matches_brute_force_on_random_histories():
         max_n = rng.randint(min_n, 5)
         k = rng.randint(0, 6)
         expected = reference_lookup(tokens, min_n, max_n, k)
-        got = NgramProposer(min_n, max_n, max_draft=6).propose_tokens(tokens, k)
+        got = NgramProposer(min_n, max_n).propose_tokens(tokens, k)
         assert got == expected, (tokens, min_n, max_n, k)
 
 

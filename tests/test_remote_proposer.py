@@ -6,10 +6,11 @@ import pickle
 
 import pytest
 
-from dspark.engine import Engine, EngineConfig
-from dspark.engine.engine import build_proposer
+from dspark.assembly import build_engine, build_proposer
+from dspark.engine import EngineConfig
 from dspark.proposers.remote import DraftCall, ProposerHost, RemoteProposer
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 
 
 def pickled_transport(host: ProposerHost):
@@ -32,17 +33,18 @@ PROMPTS = [
 
 @pytest.mark.parametrize("proposer_name", ["ngram", "dspark"])
 def test_remote_drafter_matches_colocated(default_model, tokenizer, proposer_name):
-    config = EngineConfig(
-        max_batch_size=4, max_model_len=512, proposer=proposer_name, num_speculative_tokens=4
-    )
+    config = EngineConfig(  # fixed: two scheduler instances would each keep their own gate state
+        max_batch_size=4, max_model_len=512, proposer=proposer_name, num_speculative_tokens=4,
+        verification=VerificationConfig(policy="fixed"),
+    )  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=40)
-    colocated = Engine(config, model=default_model, tokenizer=tokenizer)
+    colocated = build_engine(config, model=default_model, tokenizer=tokenizer)
     expected = colocated.generate(PROMPTS, params)
 
     host = ProposerHost(build_proposer(config, default_model))
     transport, calls = pickled_transport(host)
-    remote = RemoteProposer(transport, proposer_name, host.hidden_layers)
-    engine = Engine(config, model=default_model, tokenizer=tokenizer, proposer=remote)
+    remote = RemoteProposer(transport, host.describe())
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=remote)
     got = engine.generate(PROMPTS, params)
 
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
-from dspark.engine import Engine, EngineConfig
-from dspark.proposers import Draft, DraftRequest
+from dspark.assembly import build_engine
+from dspark.engine import EngineConfig
+from dspark.proposers import Draft, DraftRequest, Proposer
 from dspark.sampling import SamplingParams
 from dspark.scheduling import CostProfile, VerificationConfig
 from dspark.scheduling.policies import ScheduledVerification
@@ -19,7 +20,9 @@ from dspark.scheduling.policies import ScheduledVerification
 @pytest.fixture(scope="module")
 def greedy_reference(default_model, tokenizer, to_chat_ids, dev_prompts):
     prompts = [to_chat_ids(p) for p in dev_prompts[:: len(dev_prompts) // 6][:6]]
-    plain = Engine(EngineConfig(proposer="none", max_batch_size=4), default_model, tokenizer)
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     return prompts, params, [c.token_ids for c in plain.generate(prompts, params)]
 
@@ -31,21 +34,37 @@ def test_greedy_output_is_the_targets_own(default_model, tokenizer, greedy_refer
         proposer="ngram", num_speculative_tokens=6, max_batch_size=4,
         verification=VerificationConfig(policy=policy, threshold=0.2, profile_cache=False),
     )  # fmt: skip
-    engine = Engine(config, default_model, tokenizer)
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer)
     assert [c.token_ids for c in engine.generate(prompts, params)] == expected
     assert engine.stats.accepted > 0  # drafts were verified and used
 
 
-def test_policy_none_never_drafts(default_model, tokenizer, greedy_reference):
+def test_speculation_has_one_off_switch(default_model, tokenizer, greedy_reference):
+    """Proposer `none` is the only way to switch speculation off; a zero draft length or a `none` policy
+    is refused. Requests that opt out (speculate=False) on a speculating engine never draft either."""
     prompts, params, expected = greedy_reference
-    config = EngineConfig(proposer="ngram", verification=VerificationConfig(policy="none"), max_batch_size=4)
-    engine = Engine(config, default_model, tokenizer)
-    assert engine.proposer is None
-    assert [c.token_ids for c in engine.generate(prompts[:2], params)] == expected[:2]
-    assert engine.stats.drafted == 0
+    off = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
+    assert off.proposer is None and off.policy is None
+    assert [c.token_ids for c in off.generate(prompts[:2], params)] == expected[:2]
+    assert off.stats.drafted == 0
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(proposer="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="policy"):
+        VerificationConfig(policy="none")
+    config = EngineConfig(proposer="ngram", max_batch_size=4, verification=VerificationConfig(policy="fixed"))
+    opted_out = build_engine(config, model=default_model, tokenizer=tokenizer)
+    for prompt in prompts[:2]:
+        opted_out.add_request(prompt, params, speculate=False)
+    outputs: dict[str, list[int]] = {}
+    for out in opted_out.run_until_done():
+        outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    assert list(outputs.values()) == expected[:2]
+    assert opted_out.stats.drafted == 0
 
 
-class ParityProposer:
+class ParityProposer(Proposer):
     """Drafts two tokens whose confidences depend on the tokens drawn before them.
 
     Position 1 is confident after an even anchor; position 2 is confident after an even first draft
@@ -54,6 +73,7 @@ class ParityProposer:
     """
 
     name = "parity"
+    default_num_speculative_tokens = 2
 
     def __init__(self, first: dict[int, torch.Tensor], vocab: int) -> None:
         self.first = first
@@ -84,7 +104,9 @@ def test_sampled_output_with_the_scheduler_follows_the_target(default_model, tok
         first[t1] = row
     vocab = default_model.cfg.vocab_size
     config = EngineConfig(proposer="ngram", num_speculative_tokens=2, max_batch_size=100, max_model_len=64)
-    engine = Engine(config, default_model, tokenizer, proposer=ParityProposer(first, vocab))
+    engine = build_engine(
+        config, model=default_model, tokenizer=tokenizer, proposer=ParityProposer(first, vocab)
+    )
     # per request: 10 ms, +5 ms per extra token; drafting is free
     profile = CostProfile(key="t", requests=[1], tokens_per_request=[1, 2, 3], target_ms=[[10.0, 15.0, 20.0]],
                           draft_ms=[0.0])  # fmt: skip

@@ -44,7 +44,7 @@ def test_profile_interpolates_tokens_and_requests():
 
 
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
-    proposer = NgramProposer(max_draft=16)
+    proposer = NgramProposer()
     measured = load_or_measure(default_model, proposer, 2, 6, tmp_path)
     assert measured.tokens_per_request == [1, 2, 3, 5, 7]  # up to 1 + the longest draft
     assert measured.requests == [1, 2]
@@ -99,15 +99,13 @@ def test_estimator_learns_only_from_reached_positions():
 CONFIDENCES = [np.array([0.9, 0.8, 0.5]), np.array([0.4, 0.9]), np.array([])]
 
 
-def test_fixed_threshold_and_none():
+def test_fixed_and_threshold():
     shape = StepShape(3, 3, 3)
     fixed = build_policy(VerificationConfig(policy="fixed"), None)
     assert fixed.wants_drafts(shape, 3) and fixed.lengths(CONFIDENCES, shape) == [3, 2, 0]
     threshold = build_policy(VerificationConfig(policy="threshold", threshold=0.5), None)
     # survival: [0.9, 0.72, 0.36] and [0.4, 0.36]
     assert threshold.lengths(CONFIDENCES, shape) == [2, 0, 0]
-    none = build_policy(VerificationConfig(policy="none"), None)
-    assert not none.wants_drafts(shape, 3) and none.lengths(CONFIDENCES, shape) == [0, 0, 0]
     with pytest.raises(ValueError, match="cost profile"):
         build_policy(VerificationConfig(policy="scheduler"), None)
 

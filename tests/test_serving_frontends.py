@@ -12,8 +12,10 @@ import grpc
 import pytest
 import uvicorn
 
-from dspark.engine import Engine, EngineConfig
+from dspark.assembly import build_engine
+from dspark.engine import EngineConfig
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 from dspark.serving.async_engine import AsyncEngine
 from dspark.serving.grpc_service import DSparkService, add_service
 from dspark.serving.openai_api import create_app
@@ -26,8 +28,13 @@ PROMPT = "List three colours of the rainbow."
 
 @pytest.fixture(scope="module")
 def engine(default_model, tokenizer):
-    config = EngineConfig(proposer="ngram", num_speculative_tokens=4, max_batch_size=4)
-    async_engine = AsyncEngine(Engine(config, default_model, tokenizer))
+    config = EngineConfig(
+        proposer="ngram",
+        num_speculative_tokens=4,
+        max_batch_size=4,
+        verification=VerificationConfig(policy="fixed"),
+    )
+    async_engine = AsyncEngine(build_engine(config, model=default_model, tokenizer=tokenizer))
     yield async_engine
     async_engine.shutdown()
 
@@ -35,7 +42,9 @@ def engine(default_model, tokenizer):
 @pytest.fixture(scope="module")
 def reference(default_model, tokenizer) -> str:
     """The engine's own greedy output, called directly (no serving layer)."""
-    plain = Engine(EngineConfig(proposer="none", max_batch_size=1), default_model, tokenizer)
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=1), model=default_model, tokenizer=tokenizer
+    )
     outs = plain.stream(messages=[{"role": "user", "content": PROMPT}], params=SamplingParams(max_tokens=40))
     return "".join(o.text for o in outs)
 
@@ -196,3 +205,17 @@ def test_outputs_queued_behind_a_slow_consumer_are_coalesced():
     assert merged.finished and merged.finish_reason == "stop" and queue.empty()
     queue.put_nowait(RuntimeError("engine died"))
     assert isinstance(_coalesced(parts[0], queue), RuntimeError)  # a failure is never swallowed
+
+
+def test_invalid_request_error_survives_pickling():
+    """Ray Serve ships a replica's exception to the proxy pickled; the field must survive the trip."""
+    import pickle
+
+    from dspark.errors import InvalidRequestError
+
+    err = pickle.loads(pickle.dumps(InvalidRequestError("sampling.temperature", "must be >= 0")))
+    assert (err.field, err.message, str(err)) == (
+        "sampling.temperature",
+        "must be >= 0",
+        "sampling.temperature: must be >= 0",
+    )

@@ -10,9 +10,11 @@ import pytest
 
 from deployments.autoscaling import SQUEEZED_PERIODS, squeezed_decision
 from deployments.router import ExpectedLoadRouter
-from dspark.engine import Engine, EngineConfig
+from dspark.assembly import build_engine
+from dspark.engine import EngineConfig
 from dspark.engine.stats import StepReport
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 from dspark.serving.monitor import METRICS, LoadSummary, ServingMonitor
 
 
@@ -40,8 +42,13 @@ def test_step_report_squeeze():
 def test_monitor_counts_match_the_engine(default_model, tokenizer):
     sink = RecordingSink()
     monitor = ServingMonitor(sink)
-    config = EngineConfig(max_batch_size=2, proposer="ngram", num_speculative_tokens=4)
-    engine = Engine(config, default_model, tokenizer)
+    config = EngineConfig(
+        max_batch_size=2,
+        proposer="ngram",
+        num_speculative_tokens=4,
+        verification=VerificationConfig(policy="fixed"),
+    )
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer)
     prompt = "Repeat exactly: red green blue, red green blue, red green blue, red green blue."
     ids = [engine.add_request(prompt, SamplingParams(max_tokens=30)) for _ in range(2)]
     clock = 0.0

@@ -13,7 +13,8 @@ import time
 import grpc
 import pytest
 
-from dspark.engine import Engine, EngineConfig
+from dspark.assembly import build_engine
+from dspark.engine import EngineConfig
 from dspark.sampling import SamplingParams
 from dspark.serving.config import ServeConfig
 from dspark.v1 import dspark_pb2 as pb
@@ -46,7 +47,7 @@ def _config(**overrides) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from dspark.serving.launch import start
+    from deployments.launch import start
 
     ports = {"http_port": _free_port(), "grpc_port": _free_port()}
     ray.init(num_cpus=8, log_to_driver=False)
@@ -68,7 +69,9 @@ def stub(cluster):
 @pytest.fixture(scope="module")
 def reference(default_model, tokenizer) -> list[str]:
     """Greedy text of the engine called directly, plain decoding (no serving layer, no speculation)."""
-    plain = Engine(EngineConfig(proposer="none", max_batch_size=2), default_model, tokenizer)
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=2), model=default_model, tokenizer=tokenizer
+    )
     params = SamplingParams(max_tokens=MAX_TOKENS)
     return [c.text for c in plain.generate(PROMPTS, params)]
 

@@ -8,6 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
+from dspark.assembly import build_engine
 from dspark.distributed.tensor_parallel import (
     free_rendezvous,
     run_follower,
@@ -18,6 +19,7 @@ from dspark.distributed.tensor_parallel import (
 )
 from dspark.engine import Engine, EngineConfig
 from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
 
 
 @pytest.mark.parametrize(("total", "parts"), [(3, 2), (1536, 2), (9, 4), (5, 5)])
@@ -49,8 +51,14 @@ def _greedy(engine: Engine) -> list[list[int]]:
 
 
 def test_two_ranks_match_one(default_model, tokenizer):
-    config = EngineConfig(max_batch_size=4, max_model_len=512, proposer="ngram", num_speculative_tokens=4)
-    expected = _greedy(Engine(config, model=default_model, tokenizer=tokenizer))
+    config = EngineConfig(
+        max_batch_size=4,
+        max_model_len=512,
+        proposer="ngram",
+        num_speculative_tokens=4,
+        verification=VerificationConfig(policy="fixed"),
+    )
+    expected = _greedy(build_engine(config, model=default_model, tokenizer=tokenizer))
 
     init_method = free_rendezvous()
     ctx = multiprocessing.get_context("spawn")
@@ -69,7 +77,7 @@ def test_two_ranks_match_one(default_model, tokenizer):
                 for m in (leader, default_model)
             )
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-            assert _greedy(Engine(config, model=leader, tokenizer=tokenizer)) == expected
+            assert _greedy(build_engine(config, model=leader, tokenizer=tokenizer)) == expected
         finally:
             stop_leader(leader)
         follower.join(timeout=60)

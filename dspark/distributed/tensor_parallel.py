@@ -24,6 +24,7 @@ import torch.distributed as dist
 from dspark.models.kv_cache import KVCache
 from dspark.models.llama import BatchLayout, Transformer
 from dspark.models.loader import load_transformer
+from dspark.runtime import set_threads
 
 
 class Command(IntEnum):
@@ -185,8 +186,7 @@ def run_follower(
     source: str, rank: int, world_size: int, init_method: str, num_threads: int | None = None
 ) -> None:
     """A follower process's whole life: join the group, load its shard, follow rank 0, leave."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    set_threads(num_threads)
     init_process_group(rank, world_size, init_method)
     try:
         follow(load_shard(source, rank, world_size))

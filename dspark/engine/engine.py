@@ -20,35 +20,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from dspark.engine.config import EngineConfig, resolve_drafter_dir
+from dspark.engine.config import EngineConfig
 from dspark.engine.request import Request, RequestOutput
-from dspark.engine.stats import SpecStats, StepReport
+from dspark.engine.stats import SpecStats, SpecSummary, StepReport
+from dspark.errors import InvalidRequestError
+from dspark.models.kv_cache import KVCache
 from dspark.models.llama import Transformer
-from dspark.models.loader import load_tokenizer, load_transformer
-from dspark.proposers import Draft, NgramProposer, Proposer, TargetObserver, observed_layers
+from dspark.proposers import Draft, Proposer, TargetObserver
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
-from dspark.scheduling import (
-    OnlineAcceptanceEstimator,
-    StepShape,
-    VerificationPolicy,
-    build_policy,
-    load_or_measure,
-)
-from dspark.scheduling.cost_profile import PROFILE_DIR
+from dspark.scheduling import OnlineAcceptanceEstimator, StepShape, VerificationPolicy
+from dspark.scheduling.cost_profile import ProfileMeasurement
 from dspark.verify import verify
-
-
-def build_proposer(config: EngineConfig, model: Transformer) -> Proposer | None:
-    if not config.speculative:
-        return None
-    if config.proposer == "ngram":
-        return NgramProposer(config.ngram.min_n, config.ngram.max_n, config.num_speculative_tokens)
-    if config.proposer == "dspark":
-        from dspark.drafters.dspark.proposer import DSparkProposer
-
-        return DSparkProposer.load(resolve_drafter_dir(config.drafter), model)
-    raise ValueError(f"unknown proposer {config.proposer!r}")
 
 
 def _truncated(draft: Draft, k: int) -> Draft:
@@ -74,19 +58,6 @@ def _estimator_features(request: Request, draft: Draft) -> list[list[float]]:
     return [[score, progress, history] for score in scores]
 
 
-def build_verification_policy(
-    config: EngineConfig, model: Transformer, proposer: Proposer | None
-) -> VerificationPolicy:
-    """The configured policy; the scheduler's cost profile is measured (or read from cache) here."""
-    profile = None
-    if config.verification.policy == "scheduler" and proposer is not None:
-        directory = PROFILE_DIR if config.verification.profile_cache else None
-        profile = load_or_measure(
-            model, proposer, config.max_batch_size, config.num_speculative_tokens, directory
-        )
-    return build_policy(config.verification, profile)
-
-
 def _draft_distribution(draft: Draft, vocab: int) -> torch.Tensor:
     """The distributions a draft was sampled from; one-hot rows for a deterministic draft."""
     if draft.probs is not None:
@@ -104,38 +75,49 @@ class _Scheduled:
 
 
 class Engine:
+    """The engine loop over parts built elsewhere (`dspark.assembly.build_engine` turns a config into them).
+
+    `config.num_speculative_tokens` must be resolved (the builder takes the proposer's default when unset).
+    A proposer with `hidden_layers` observes the target's hidden states; so does every extra observer (a
+    training-data recorder).
+    """
+
     def __init__(
         self,
-        config: EngineConfig | None = None,
-        model: Transformer | None = None,
-        tokenizer=None,
+        config: EngineConfig,
+        model: Transformer,
+        tokenizer: PreTrainedTokenizerBase,
+        cache: KVCache,
         proposer: Proposer | None = None,
+        policy: VerificationPolicy | None = None,
         observers: Sequence[TargetObserver] = (),
+        profile_measurement: ProfileMeasurement | None = None,
     ) -> None:
-        self.config = config = config or EngineConfig()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.model = model if model is not None else load_transformer(config.model, pack=config.pack_weights)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-        self.proposer = proposer if proposer is not None else build_proposer(config, self.model)
-        # Whoever conditions on the target's hidden states (a DSpark drafter, a training-data recorder).
+        if proposer is not None and (policy is None or config.num_speculative_tokens is None):
+            raise ValueError("a speculating engine needs a verification policy and a resolved draft length")
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.proposer = proposer
+        self.policy = policy
+        self.num_speculative_tokens = config.num_speculative_tokens if proposer is not None else 0
         self.observers: list[TargetObserver] = list(observers)
-        if observed_layers(self.proposer):
-            self.observers.append(self.proposer)  # type: ignore[arg-type]
-        self.hidden_layers = sorted({layer for o in self.observers for layer in observed_layers(o)})
-        self.policy = build_verification_policy(config, self.model, self.proposer)
+        if proposer is not None and proposer.hidden_layers:
+            self.observers.append(proposer)
+        self.hidden_layers = sorted({layer for o in self.observers for layer in o.hidden_layers})
         self.estimator = OnlineAcceptanceEstimator(
-            max(config.num_speculative_tokens, 1), num_features=ESTIMATOR_FEATURES
+            max(self.num_speculative_tokens, 1), num_features=ESTIMATOR_FEATURES
         )
         self._features: dict[int, torch.Tensor] = {}
-        self.cache = self.model.new_cache(config.max_batch_size, config.max_model_len)
-        self.eos_ids = set(self.model.cfg.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = set(model.cfg.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SpecStats()
         self.last_step = StepReport()
+        self.profile_measurement = profile_measurement
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -144,7 +126,7 @@ class Engine:
     ) -> list[int]:
         """Token ids of a raw prompt (text or ids) or of chat messages through the model's chat template."""
         if (prompt is None) == (messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise InvalidRequestError("prompt", "give exactly one of prompt or messages")
         if messages is not None:
             return list(
                 self.tokenizer.apply_chat_template(
@@ -167,16 +149,16 @@ class Engine:
         """Queue a request; `speculate=False` decodes it without drafts (the output is the same)."""
         ids = self.encode_prompt(prompt, messages)
         if not ids:
-            raise ValueError("prompt: must contain at least one token")
+            raise InvalidRequestError("prompt", "must contain at least one token")
         if len(ids) >= self.config.max_model_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens do not fit max_model_len={self.config.max_model_len}"
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens do not fit max_model_len={self.config.max_model_len}"
             )
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+            raise InvalidRequestError("prompt", f"token ids must lie in [0, {vocab})")
         if request_id is not None and any(r.request_id == request_id for r in (*self.waiting, *self.running)):
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         request = Request(ids, params or SamplingParams(), self.tokenizer, request_id, speculate)
         self.waiting.append(request)
         return request.request_id
@@ -191,6 +173,20 @@ class Engine:
                     self._release(request)
                     return request.output([], "")
         return None
+
+    @property
+    def profile_pending(self) -> bool:
+        return self.profile_measurement is not None
+
+    def advance_profile(self) -> None:
+        """Time one run of the pending cost-profile measurement (call when idle); once it completes, the
+        scheduler decides with it."""
+        if self.profile_measurement is None:
+            return
+        profile = self.profile_measurement.advance()
+        if profile is not None:
+            self.policy.profile = profile
+            self.profile_measurement = None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -245,7 +241,7 @@ class Engine:
         if not r.speculate:
             return 0
         room = self.config.max_model_len - r.num_cached - len(s.chunk)
-        return max(0, min(self.config.num_speculative_tokens, r.remaining_tokens - 1, room))
+        return max(0, min(self.num_speculative_tokens, r.remaining_tokens - 1, room))
 
     def _propose(self, scheduled: list[_Scheduled]) -> None:
         """Draft for the requests whose prompt is complete, then let the policy cut each draft."""
@@ -352,6 +348,7 @@ class Engine:
         accepted_in_output = min(accepted, len(emitted) - 1)
         r.stats.record(drafted, accepted_in_output)
         self.stats.record(drafted, accepted_in_output)
+        self.last_step.spec.record(drafted, accepted_in_output)
         text, stopped = r.stop_matcher.feed(r.detokenizer.push(emitted))
         if stopped:
             r.finish_reason = "stop"
@@ -383,9 +380,8 @@ class Engine:
             r.slot = None
         for observer in self.observers:
             observer.release(r)
-        unobserving = self.proposer if self.proposer not in self.observers else None
-        if hasattr(unobserving, "release"):  # a stateful proposer that does not observe (a remote n-gram)
-            unobserving.release(r)
+        if self.proposer is not None and self.proposer not in self.observers:
+            self.proposer.release(r)  # a stateful proposer that does not observe (a remote n-gram)
 
     # ---- conveniences -----------------------------------------------------------------------------------
 
@@ -423,7 +419,7 @@ class Completion:
     token_ids: list[int] | None = None
     text: str = ""
     finish_reason: str | None = None
-    spec: dict | None = None
+    spec: SpecSummary | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids = (self.token_ids or []) + out.token_ids

@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel
 
 from dspark.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from dspark.engine.stats import SpecStats
+from dspark.engine.stats import SpecStats, SpecSummary
 from dspark.sampling import SamplingParams, make_generator
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -27,7 +27,7 @@ class RequestOutput(BaseModel):
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    spec: dict | None = None  # speculation summary, on the final output
+    spec: SpecSummary | None = None  # speculation summary, on the final output
 
 
 class Request:

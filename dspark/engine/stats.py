@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -11,6 +11,7 @@ from pydantic import BaseModel
 class StepReport:
     """What one engine step did with speculation (serving metrics and autoscaling read it)."""
 
+    spec: SpecStats = field(default_factory=lambda: SpecStats())  # this step's verification outcomes
     running: int = 0
     waiting: int = 0
     could_draft: int = 0  # requests allowed to speculate this step
@@ -78,21 +79,39 @@ class SpecStats(BaseModel):
         """P(positions 0..j all accepted | position j drafted)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at, strict=True)]
 
-    def summary(self) -> dict[str, float | int | list[float]]:
-        return {
-            "steps": self.steps,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "tau": round(self.tau, 4),
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "conditional_acceptance": [round(x, 4) for x in self.conditional_acceptance()],
-            "prefix_survival": [round(x, 4) for x in self.prefix_survival()],
-            "drafted_at": list(self.drafted_at),
-            "accepted_at": list(self.accepted_at),
-            "reached_at": list(self.reached_at),
-        }
+    def summary(self) -> SpecSummary:
+        return SpecSummary(
+            steps=self.steps,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            tau=round(self.tau, 4),
+            acceptance_rate=round(self.acceptance_rate, 4),
+            conditional_acceptance=[round(x, 4) for x in self.conditional_acceptance()],
+            prefix_survival=[round(x, 4) for x in self.prefix_survival()],
+            drafted_at=list(self.drafted_at),
+            accepted_at=list(self.accepted_at),
+            reached_at=list(self.reached_at),
+        )
 
     @classmethod
-    def from_summary(cls, summary: dict) -> SpecStats:
-        keys = ("steps", "drafted", "accepted", "drafted_at", "accepted_at", "reached_at")
-        return cls(**{k: summary[k] for k in keys})
+    def from_summary(cls, summary: SpecSummary) -> SpecStats:
+        return cls(
+            steps=summary.steps, drafted=summary.drafted, accepted=summary.accepted,
+            drafted_at=list(summary.drafted_at), accepted_at=list(summary.accepted_at),
+            reached_at=list(summary.reached_at),
+        )  # fmt: skip
+
+
+class SpecSummary(BaseModel):
+    """A request's (or a run's) speculation outcome, as front ends and reports show it."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tau: float = 0.0  # tokens per verification step, the bonus token included
+    acceptance_rate: float = 0.0
+    conditional_acceptance: list[float] = []
+    prefix_survival: list[float] = []
+    drafted_at: list[int] = []
+    accepted_at: list[int] = []
+    reached_at: list[int] = []

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from dspark.models.default import cache_root
+from dspark.runtime import cache_root
 
 log = logging.getLogger(__name__)
 _SOURCE_DIR = Path(__file__).parent

@@ -54,3 +54,10 @@ class KVCache:
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(f"cannot roll slot {slot} back to {length} (has {self.lengths[slot]})")
         self.lengths[slot] = length
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Give `target` the cached positions of `source` (requests sharing a context, e.g. profiling)."""
+        n = self.lengths[source]
+        self.k[:, target, :, :n] = self.k[:, source, :, :n]
+        self.v[:, target, :, :n] = self.v[:, source, :, :n]
+        self.lengths[target] = n

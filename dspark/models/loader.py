@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 
 from dspark.models.config import ModelConfig
-from dspark.models.default import cache_root, convert_gguf, default_model_dir
+from dspark.models.default import convert_gguf, default_model_dir
 from dspark.models.llama import Transformer
+from dspark.runtime import cache_root
 
 DEFAULT_SOURCE = "default"
 

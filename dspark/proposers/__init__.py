@@ -1,6 +1,6 @@
-"""Draft proposers: model-free prompt lookup, and (later) draft models."""
+"""Draft proposers: the interface, and model-free prompt lookup (draft models live in dspark.drafters)."""
 
-from dspark.proposers.base import Draft, DraftRequest, Proposer, TargetObserver, observed_layers
+from dspark.proposers.base import Draft, DraftRequest, Proposer, TargetObserver
 from dspark.proposers.ngram import NgramProposer
 
-__all__ = ["Draft", "DraftRequest", "NgramProposer", "Proposer", "TargetObserver", "observed_layers"]
+__all__ = ["Draft", "DraftRequest", "NgramProposer", "Proposer", "TargetObserver"]

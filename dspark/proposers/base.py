@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,15 +44,28 @@ class DraftRequest(Protocol):
     generator: torch.Generator | None  # the request's own RNG (seeded requests), shared with verification
 
 
-class Proposer(Protocol):
+class Proposer(ABC):
+    """Anything that drafts tokens for the target to verify.
+
+    `default_num_speculative_tokens` is the draft length used when the engine configuration sets none
+    (a drafter's block size, prompt lookup's own default). A proposer conditioned on the target lists the
+    target layers it needs in `hidden_layers`; the engine then shows it those layers' hidden states of
+    every committed position (`observe`, see `TargetObserver`). `release` drops a finished request's state.
+    """
+
     name: str
+    default_num_speculative_tokens: int
+    hidden_layers: tuple[int, ...] = ()
 
+    @abstractmethod
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
-        """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed).
+        """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed)."""
 
-        A proposer that keeps per-request state may also define `release(request)`; the engine calls it
-        when the request ends."""
-        ...
+    def observe(self, request: DraftRequest, features: torch.Tensor) -> None:  # noqa: B027 (optional hook)
+        """Target hidden states of newly committed positions (only called when `hidden_layers` is set)."""
+
+    def release(self, request: DraftRequest) -> None:  # noqa: B027 (optional hook)
+        """The request finished or was aborted: drop any state kept for it."""
 
 
 class TargetObserver(Protocol):
@@ -69,8 +83,3 @@ class TargetObserver(Protocol):
     def release(self, request: DraftRequest) -> None:
         """The request finished or was aborted: drop its state."""
         ...
-
-
-def observed_layers(observer: object) -> tuple[int, ...]:
-    """The target layers an object wants to observe (none for model-free proposers)."""
-    return tuple(getattr(observer, "hidden_layers", ()))

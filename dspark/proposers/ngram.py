@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dspark.proposers.base import Draft, DraftRequest
+from dspark.proposers.base import Draft, DraftRequest, Proposer
 
 
 def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
@@ -43,22 +43,20 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[li
     return tokens[best_end + 1 : best_end + 1 + k].tolist(), best_n
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     """Stateless prompt-lookup drafter; one instance serves every request."""
 
     name = "ngram"
+    default_num_speculative_tokens = 4  # longer copies rarely survive on chat; code edits may want more
 
-    def __init__(self, min_n: int = 1, max_n: int = 4, max_draft: int = 8) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        if max_draft < 0:
-            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.min_n = min_n
         self.max_n = max_n
-        self.max_draft = max_draft
 
     def propose_tokens(self, token_ids: Sequence[int], k: int) -> list[int]:
-        """Draft up to min(k, max_draft) tokens from a request's full history (prompt + generated)."""
+        """Draft up to k tokens from a request's full history (prompt + generated)."""
         return self._match(token_ids, k)[0]
 
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
@@ -70,10 +68,9 @@ class NgramProposer:
         return drafts
 
     def _match(self, token_ids: Sequence[int], k: int) -> tuple[list[int], int]:
-        k = min(k, self.max_draft)
         if k <= 0 or len(token_ids) < 2:
             return [], 0
         return ngram_lookup(np.asarray(token_ids, dtype=np.int64), self.min_n, self.max_n, k)
 
     def __repr__(self) -> str:
-        return f"NgramProposer(min_n={self.min_n}, max_n={self.max_n}, max_draft={self.max_draft})"
+        return f"NgramProposer(min_n={self.min_n}, max_n={self.max_n})"

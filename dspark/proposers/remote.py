@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark.proposers.base import Draft, DraftRequest, Proposer, observed_layers
+from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import SamplingParams, make_generator
 
 
@@ -54,14 +54,15 @@ class ProposerHost:
         self.proposer = proposer
         self.requests: dict[str, _MirroredRequest] = {}
 
-    @property
-    def hidden_layers(self) -> tuple[int, ...]:
-        return observed_layers(self.proposer)
+    def describe(self) -> ProposerInfo:
+        return ProposerInfo(
+            self.proposer.name, self.proposer.default_num_speculative_tokens, self.proposer.hidden_layers
+        )
 
     def handle(self, call: DraftCall) -> list[Draft]:
         for request_id in call.released:
             mirrored = self.requests.pop(request_id, None)
-            if mirrored is not None and hasattr(self.proposer, "release"):
+            if mirrored is not None:
                 self.proposer.release(mirrored)
         for update in call.updates:
             mirrored = self.requests.get(update.request_id)
@@ -77,13 +78,23 @@ class ProposerHost:
         return self.proposer.propose([self.requests[i] for i in call.propose], call.max_lens)
 
 
-class RemoteProposer:
+@dataclass(frozen=True)
+class ProposerInfo:
+    """What the engine side needs to know of a remote proposer."""
+
+    name: str
+    default_num_speculative_tokens: int
+    hidden_layers: tuple[int, ...]
+
+
+class RemoteProposer(Proposer):
     """The engine's proxy for a drafter behind `transport` (one call per propose)."""
 
-    def __init__(self, transport: Callable[[DraftCall], list[Draft]], name: str, hidden_layers=()) -> None:
+    def __init__(self, transport: Callable[[DraftCall], list[Draft]], info: ProposerInfo) -> None:
         self.transport = transport
-        self.name = f"{name}@remote"
-        self.hidden_layers = tuple(hidden_layers)
+        self.name = f"{info.name}@remote"
+        self.default_num_speculative_tokens = info.default_num_speculative_tokens
+        self.hidden_layers = tuple(info.hidden_layers)
         self._synced: dict[str, int] = {}  # request id -> tokens the remote side holds
         self._features: dict[str, list[torch.Tensor]] = {}
         self._released: list[str] = []

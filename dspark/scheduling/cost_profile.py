@@ -17,20 +17,22 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel
+from tqdm import tqdm
 
 from dspark.models.llama import Transformer
+from dspark.proposers.base import Proposer
+from dspark.runtime import cache_root
 from dspark.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-PROFILE_DIR = Path.home() / ".cache" / "dspark" / "profiles"
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
@@ -102,18 +104,22 @@ class _ProfileRequest:
     generator: torch.Generator | None = None
 
 
-def tokens_grid(max_draft: int) -> list[int]:
+def tokens_grid(num_speculative_tokens: int) -> list[int]:
     """Profiled tokens per request: the grid up to 1 + the longest draft, which is always included."""
-    return sorted({*(t for t in TOKENS_PER_REQUEST if t < 1 + max_draft), 1 + max_draft})
+    return sorted(
+        {*(t for t in TOKENS_PER_REQUEST if t < 1 + num_speculative_tokens), 1 + num_speculative_tokens}
+    )
 
 
-def profile_key(model: Transformer, max_requests: int, max_draft: int, proposer_name: str) -> str:
+def profile_key(
+    model: Transformer, max_requests: int, num_speculative_tokens: int, proposer_name: str
+) -> str:
     cfg = model.cfg
     parts = [
         platform.machine(), platform.processor(), str(torch.get_num_threads()), torch.__version__,
         str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
         f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
-        str(max_requests), str(max_draft), proposer_name, str(PROFILE_VERSION),
+        str(max_requests), str(num_speculative_tokens), proposer_name, str(PROFILE_VERSION),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -125,7 +131,13 @@ def request_counts(max_requests: int) -> list[int]:
     return sorted({*counts, max_requests})
 
 
-def _interleaved_medians(runs: dict, rounds: int = 3) -> dict:
+ROUNDS = 3
+# A measurement yields after every timed run, so a server can measure in its idle time and stop at once
+# when a request arrives; `ProfileMeasurement.run` drains it in one go.
+Timing = Generator[None, None, dict]
+
+
+def _interleaved_medians(runs: dict, rounds: int = ROUNDS) -> Timing:
     """Median ms of each run over `rounds` interleaved rounds: a slow spell on this shared machine then
     hits every shape alike instead of skewing the few measured during it (the scheduler uses ratios)."""
     times: dict = {key: [] for key in runs}
@@ -134,10 +146,13 @@ def _interleaved_medians(runs: dict, rounds: int = 3) -> dict:
             began = time.perf_counter()
             run()
             times[key].append((time.perf_counter() - began) * 1000)
+            yield
     return {key: round(statistics.median(t), 3) for key, t in times.items()}
 
 
-def profile_target(model: Transformer, counts: Sequence[int], grid: Sequence[int]) -> list[list[float]]:
+def profile_target(
+    model: Transformer, counts: Sequence[int], grid: Sequence[int]
+) -> Generator[None, None, list[list[float]]]:
     """Median forward ms for each (requests, tokens per request), over filler context."""
     max_new = max(grid)
     cache = model.new_cache(max(counts), PROFILE_CONTEXT + max_new)
@@ -145,8 +160,7 @@ def profile_target(model: Transformer, counts: Sequence[int], grid: Sequence[int
     filler = torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,))
     model(filler, model.layout(slots[:1], [0], [PROFILE_CONTEXT]), cache, torch.tensor([0]))
     for slot in slots[1:]:  # every request shares the first one's context: one prefill, not n
-        cache.k[:, slot], cache.v[:, slot] = cache.k[:, slots[0]], cache.v[:, slots[0]]
-        cache.lengths[slot] = PROFILE_CONTEXT
+        cache.copy_slot(slots[0], slot)
 
     def forward(n: int, per_request: int) -> None:
         used = slots[:n]
@@ -158,11 +172,11 @@ def profile_target(model: Transformer, counts: Sequence[int], grid: Sequence[int
 
     forward(1, 1)  # warm-up
     shapes = [(n, t) for n in counts for t in grid]
-    ms = _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
+    ms = yield from _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
     return [[ms[n, t] for t in grid] for n in counts]
 
 
-def profile_prefill(model: Transformer) -> list[float]:
+def profile_prefill(model: Transformer) -> Generator[None, None, list[float]]:
     """Median forward ms of one prompt chunk of each PREFILL_TOKENS length, from an empty slot."""
     cache = model.new_cache(1, max(PREFILL_TOKENS))
     slot = cache.allocate()
@@ -176,11 +190,13 @@ def profile_prefill(model: Transformer) -> list[float]:
         )
         cache.rollback(slot, 0)
 
-    ms = _interleaved_medians({n: lambda n=n: forward(n) for n in PREFILL_TOKENS})
+    ms = yield from _interleaved_medians({n: lambda n=n: forward(n) for n in PREFILL_TOKENS})
     return [ms[n] for n in PREFILL_TOKENS]
 
 
-def profile_proposer(proposer, model: Transformer, counts: Sequence[int], max_draft: int) -> list[float]:
+def profile_proposer(
+    proposer: Proposer | None, model: Transformer, counts: Sequence[int], num_speculative_tokens: int
+) -> Generator[None, None, list[float]]:
     """Median ms of one propose call for n requests of filler context (drafts of the longest length)."""
     if proposer is None:
         return [0.0] * len(counts)
@@ -188,55 +204,131 @@ def profile_proposer(proposer, model: Transformer, counts: Sequence[int], max_dr
         _ProfileRequest(f"profile-{i}", torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,)).tolist())
         for i in range(max(counts))
     ]
-    layers = getattr(proposer, "hidden_layers", ())
+    layers = proposer.hidden_layers
     for r in requests:  # conditioned drafters need the target's features of the context
         if layers:
             features = torch.randn(PROFILE_CONTEXT - 1, model.cfg.hidden_size * len(layers))
             proposer.observe(r, features)
-    max_len = max(max_draft, 1)
+    max_len = max(num_speculative_tokens, 1)
     try:
         proposer.propose(requests[:1], [max_len])  # warm-up
-        ms = _interleaved_medians(
+        ms = yield from _interleaved_medians(
             {n: lambda n=n: proposer.propose(requests[:n], [max_len] * n) for n in counts}
         )
         return [ms[n] for n in counts]
     finally:
-        if layers:
-            for r in requests:
-                proposer.release(r)
+        for r in requests:
+            proposer.release(r)
 
 
-def measure_profile(model: Transformer, proposer, max_requests: int, max_draft: int, key: str) -> CostProfile:
-    counts, grid = request_counts(max_requests), tokens_grid(max_draft)
+def _measure(
+    model: Transformer, proposer: Proposer | None, counts: list[int], grid: list[int], length: int, key: str
+) -> Generator[None, None, CostProfile]:
     return CostProfile(
         key=key,
         requests=counts,
         tokens_per_request=grid,
-        target_ms=profile_target(model, counts, grid),
-        draft_ms=profile_proposer(proposer, model, counts, max_draft),
+        target_ms=(yield from profile_target(model, counts, grid)),
+        draft_ms=(yield from profile_proposer(proposer, model, counts, length)),
         prefill_tokens=list(PREFILL_TOKENS),
-        prefill_ms=profile_prefill(model),
+        prefill_ms=(yield from profile_prefill(model)),
     )
 
 
-def load_or_measure(
-    model: Transformer, proposer, max_requests: int, max_draft: int, directory: Path | None = PROFILE_DIR
+class ProfileMeasurement:
+    """Measures a cost profile whole (`run`) or one timed forward at a time (`advance`), and caches it.
+
+    The runs are the engine's own forwards and propose calls on filler requests, so what is timed is what
+    a step costs on this machine, with whatever else it is running at the time."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        proposer: Proposer | None,
+        max_requests: int,
+        num_speculative_tokens: int,
+        path: Path | None,
+        key: str,
+    ) -> None:
+        counts, grid = request_counts(max_requests), tokens_grid(num_speculative_tokens)
+        self.total_runs = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
+        self.total_runs += ROUNDS * len(counts) if proposer is not None else 0
+        self.path = path
+        self.runs_done = 0
+        self.profile: CostProfile | None = None
+        self._seconds = 0.0
+        self._steps = _measure(model, proposer, counts, grid, num_speculative_tokens, key)
+
+    def advance(self) -> CostProfile | None:
+        """Time one more run; returns the profile (saved to the cache) once the last run is done."""
+        began = time.perf_counter()
+        try:
+            next(self._steps)
+            self.runs_done += 1
+        except StopIteration as done:
+            self.profile = done.value
+            self._save()
+        self._seconds += time.perf_counter() - began
+        return self.profile
+
+    def run(self, progress: bool = True) -> CostProfile:
+        bar = tqdm(total=self.total_runs, desc="cost profile", unit="run", disable=not progress)
+        while self.advance() is None:
+            bar.update(1)
+        bar.close()
+        return self.profile
+
+    def _save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.profile.model_dump(), indent=1))
+        log.info("cost profile measured in %.1fs (%s): %s", self._seconds, self.path, _describe(self.profile))
+
+
+def measure_profile(
+    model: Transformer, proposer: Proposer | None, max_requests: int, num_speculative_tokens: int, key: str
 ) -> CostProfile:
-    """The cached profile of this machine, model and drafter, measured (seconds) when missing."""
-    name = getattr(proposer, "name", "none")
-    key = profile_key(model, max_requests, max_draft, name)
+    """Measure a profile now (not cached)."""
+    return ProfileMeasurement(model, proposer, max_requests, num_speculative_tokens, None, key).run()
+
+
+def profile_dir() -> Path:
+    return cache_root() / "profiles"
+
+
+def cached_or_measurement(
+    model: Transformer,
+    proposer: Proposer | None,
+    max_requests: int,
+    num_speculative_tokens: int,
+    directory: Path | None,
+) -> CostProfile | ProfileMeasurement:
+    """The cached profile of this machine, model and drafter (in `directory`; None: never cached), or the
+    measurement that will produce and cache it."""
+    name = proposer.name if proposer is not None else "none"
+    key = profile_key(model, max_requests, num_speculative_tokens, name)
     path = directory / f"{key}.json" if directory is not None else None
     if path is not None and path.exists():
         profile = CostProfile.model_validate_json(path.read_text())
         log.info("cost profile %s (cached): %s", path, _describe(profile))
         return profile
-    began = time.perf_counter()
-    profile = measure_profile(model, proposer, max_requests, max_draft, key)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(profile.model_dump(), indent=1))
-    log.info("cost profile measured in %.1fs (%s): %s", time.perf_counter() - began, path, _describe(profile))
-    return profile
+    return ProfileMeasurement(model, proposer, max_requests, num_speculative_tokens, path, key)
+
+
+def load_or_measure(
+    model: Transformer,
+    proposer: Proposer | None,
+    max_requests: int,
+    num_speculative_tokens: int,
+    directory: Path | None,
+) -> CostProfile:
+    """The cached profile, measured now (with a progress bar) when missing."""
+    found = cached_or_measurement(model, proposer, max_requests, num_speculative_tokens, directory)
+    if isinstance(found, CostProfile):
+        return found
+    log.info("measuring the cost profile of this machine (%d timed runs, cached for later starts)",
+             found.total_runs)  # fmt: skip
+    return found.run()
 
 
 def _describe(profile: CostProfile) -> str:

@@ -1,8 +1,8 @@
 """Verification policies: how many of each request's draft tokens the target verifies this step.
 
 One engine, one code path: the engine asks the policy whether to draft at all, then hands it every
-drafting request's per-position confidences and verifies exactly the prefixes it returns.
-- `none`: never draft (plain decoding through the same path).
+drafting request's per-position confidences and verifies exactly the prefixes it returns. (Speculation
+itself is switched off in one place only: the engine's proposer `none`.)
 - `fixed`: verify the whole draft (up to gamma), the classic speculative decoding.
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from dspark.scheduling.cost_profile import CostProfile
 from dspark.scheduling.prefix_scheduler import expected_accepted, prefix_survival, schedule_prefixes
 
-PolicyName = Literal["none", "fixed", "threshold", "scheduler"]
+PolicyName = Literal["fixed", "threshold", "scheduler"]
 
 
 class VerificationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: PolicyName = "fixed"
+    policy: PolicyName = Field("scheduler", description="fixed | threshold | scheduler (hardware-aware)")
     threshold: float = Field(0.3, gt=0, lt=1, description="prefix survival cut-off of policy 'threshold'")
     draft_gate: bool = Field(True, description="scheduler: skip drafting when it cannot pay off")
     explore_every: int = Field(16, ge=1, description="scheduler: draft at least every n-th gated step")
@@ -58,16 +58,6 @@ class VerificationPolicy(Protocol):
         ...
 
 
-class NoSpeculation:
-    name = "none"
-
-    def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool:
-        return False
-
-    def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        return [0] * len(confidences)
-
-
 class FixedLength:
     name = "fixed"
 
@@ -93,12 +83,19 @@ class ConfidenceThreshold:
 
 
 class ScheduledVerification:
-    """Algorithm 1 on the cost profile, with a draft gate fed by the running mean confidences."""
+    """Algorithm 1 on the cost profile, with a draft gate fed by the running mean confidences.
+
+    Until it has a profile (a first start measures it while the server is idle), it verifies whole drafts,
+    as `fixed` does."""
 
     name = "scheduler"
 
     def __init__(
-        self, profile: CostProfile, draft_gate: bool = True, explore_every: int = 16, min_gain: float = 0.0
+        self,
+        profile: CostProfile | None,
+        draft_gate: bool = True,
+        explore_every: int = 16,
+        min_gain: float = 0.0,
     ) -> None:
         self.profile = profile
         self.min_gain = min_gain
@@ -109,7 +106,7 @@ class ScheduledVerification:
         self._gated = 0  # consecutive steps the gate skipped
 
     def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool:
-        if not self.draft_gate or not self.typical.size or not num_drafting:
+        if self.profile is None or not self.draft_gate or not self.typical.size or not num_drafting:
             return True
         if self._pays_off(shape, num_drafting) or self._gated + 1 >= self.explore_every:
             self._gated = 0
@@ -119,6 +116,8 @@ class ScheduledVerification:
 
     def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
         self._observe(confidences)
+        if self.profile is None:
+            return [len(c) for c in confidences]
         return self._schedule(confidences, shape)
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
@@ -153,13 +152,14 @@ class ScheduledVerification:
             self.typical[:n] += (np.asarray(c) - self.typical[:n]) / self._seen[:n]
 
 
-def build_policy(config: VerificationConfig, profile: CostProfile | None) -> VerificationPolicy:
-    if config.policy == "none":
-        return NoSpeculation()
+def build_policy(
+    config: VerificationConfig, profile: CostProfile | None, profile_pending: bool = False
+) -> VerificationPolicy:
+    """The configured policy; a scheduler needs a profile, or `profile_pending` (one is being measured)."""
     if config.policy == "fixed":
         return FixedLength()
     if config.policy == "threshold":
         return ConfidenceThreshold(config.threshold)
-    if profile is None:
+    if profile is None and not profile_pending:
         raise ValueError("policy 'scheduler' needs a cost profile")
     return ScheduledVerification(profile, config.draft_gate, config.explore_every, config.min_gain)

@@ -1,7 +1,8 @@
 """Validated generation requests, shared by the gRPC and HTTP front ends.
 
 Both front ends turn their wire format into a `GenerationInput` (pydantic: the field named in every
-error message is the client's field), so one set of rules decides what is a bad request.
+error message is the client's field), so one set of rules decides what is a bad request; `parse` turns
+any failure into the typed `InvalidRequestError` both front ends report.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dspark.errors import InvalidRequestError
 from dspark.sampling import SamplingParams
 
 
@@ -25,8 +27,8 @@ class GenerationInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     sampling: SamplingParams = SamplingParams()
     speculation: bool = True
     request_id: str | None = Field(None, max_length=128)
@@ -35,20 +37,15 @@ class GenerationInput(BaseModel):
     def _one_input(self) -> GenerationInput:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.prompt is not None and not self.prompt:
-            raise ValueError("prompt must not be empty")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages must not be empty")
         return self
+
+    @classmethod
+    def parse(cls, values: dict) -> GenerationInput:
+        """Validate, raising InvalidRequestError that names the first offending field."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise InvalidRequestError.from_validation(err) from err
 
     def chat(self) -> list[dict] | None:
         return None if self.messages is None else [m.model_dump() for m in self.messages]
-
-
-def describe(error: ValidationError) -> str:
-    """A one-line message naming each offending field, e.g. `sampling.temperature: must be >= 0`."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "request"
-        parts.append(f"{field}: {item['msg']}")
-    return "; ".join(parts)

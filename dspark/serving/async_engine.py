@@ -1,9 +1,10 @@
 """The engine behind an asyncio front end: one background thread steps the engine, requests stream.
 
-`Engine` is single-threaded; every call into it (add, abort, step) holds one lock. The loop thread steps
-while there is work and sleeps on an event otherwise. Each request's outputs go to its own asyncio queue
-on the caller's event loop. A consumer that stops early (client cancel, disconnect) aborts its request,
-which frees the KV slot before the next step.
+`Engine` is single-threaded; every call into it (add, abort, step) holds one lock. The loop thread steps while
+there is work and sleeps on an event otherwise; on a first start it measures the scheduler's cost profile in
+that idle time, one timed run at a time, so a request never waits for more than one run. Each request's
+outputs go to its own asyncio queue on the caller's event loop. A consumer that stops early (client cancel,
+disconnect) aborts its request, which frees the KV slot before the next step.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if not self._work.is_set() and self.engine.profile_pending:
+                    # Idle on a first start: time one run of the cost profile, then look for work again.
+                    with self._lock:
+                        self.engine.advance_profile()
+                    continue
                 self._work.wait()
                 with self._lock:
                     outputs = self.engine.step()

@@ -27,11 +27,8 @@ class AutoscalingConfig(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str = "SmolLM2-135M-Instruct"
-    engine: EngineConfig = EngineConfig(
-        max_batch_size=16,
-        verification={"policy": "scheduler"},  # type: ignore[arg-type]
-    )
+    model_id: str = Field("SmolLM2-135M-Instruct", description="the model name clients send and see")
+    engine: EngineConfig = EngineConfig(max_batch_size=16)
     default_max_tokens: int = Field(256, ge=1, description="when a request sets no max_tokens")
     tensor_parallel_size: int = Field(1, ge=1, description="target shards (rank 0: the replica)")
     drafter_placement: Literal["colocated", "disaggregated"] = Field(

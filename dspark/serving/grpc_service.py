@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from pydantic import ValidationError
 
-from dspark.serving.api import GenerationInput, describe
+from dspark.errors import InvalidRequestError
+from dspark.serving.api import GenerationInput
 from dspark.serving.async_engine import AsyncEngine
 from dspark.v1 import dspark_pb2 as pb
 from dspark.v1 import dspark_pb2_grpc as pb_grpc
 
 
 def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> GenerationInput:
-    """Wire message -> validated input; raises ValidationError or ValueError naming the field."""
+    """Wire message -> validated input; raises InvalidRequestError naming the field."""
     s = request.sampling
     sampling = {
         "temperature": s.temperature,
@@ -31,14 +31,16 @@ def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> Ge
     if s.HasField("seed"):
         sampling["seed"] = s.seed
     kind = request.WhichOneof("input")
-    return GenerationInput(
-        prompt=request.prompt if kind == "prompt" else None,
-        messages=[{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if kind == "chat"
-        else None,
-        sampling=sampling,
-        speculation=request.speculation if request.HasField("speculation") else True,
-        request_id=request.request_id or None,
+    return GenerationInput.parse(
+        {
+            "prompt": request.prompt if kind == "prompt" else None,
+            "messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if kind == "chat"
+            else None,
+            "sampling": sampling,
+            "speculation": request.speculation if request.HasField("speculation") else True,
+            "request_id": request.request_id or None,
+        }
     )
 
 
@@ -48,16 +50,12 @@ def response(out, request_id: str) -> pb.GenerateResponse:
         message.finish_reason = out.finish_reason or ""
         message.usage.prompt_tokens = out.num_prompt_tokens
         message.usage.completion_tokens = out.num_output_tokens
-        spec = out.spec or {}
-        message.speculation.steps = int(spec.get("steps", 0))
-        message.speculation.drafted = int(spec.get("drafted", 0))
-        message.speculation.accepted = int(spec.get("accepted", 0))
-        message.speculation.tau = float(spec.get("tau", 0.0))
+        if out.spec is not None:
+            message.speculation.steps = out.spec.steps
+            message.speculation.drafted = out.spec.drafted
+            message.speculation.accepted = out.spec.accepted
+            message.speculation.tau = out.spec.tau
     return message
-
-
-class InvalidRequest(ValueError):
-    """A request the server refuses; the message names the offending field."""
 
 
 async def _responses(first, outputs) -> AsyncIterator[pb.GenerateResponse]:
@@ -81,27 +79,22 @@ class DSparkService:
         """grpc.aio servicer method: an invalid request aborts with INVALID_ARGUMENT before streaming."""
         try:
             stream = await self.start(request)
-        except InvalidRequest as err:
+        except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         async for message in stream:
             yield message
 
     async def start(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Validate and submit a request; returns its response stream, first output already produced (so
-        every input error surfaces here as InvalidRequest, naming the field)."""
-        try:
-            if request.model and request.model != self.model_id:
-                raise ValueError(f"model: unknown model {request.model!r} (serving {self.model_id!r})")
-            spec = generation_input(request, self.default_max_tokens)
-            outputs = self.engine.generate(
-                spec.prompt, spec.sampling, messages=spec.chat(), speculate=spec.speculation,
-                request_id=spec.request_id,
-            )  # fmt: skip
-            first = await anext(outputs)
-        except ValidationError as err:
-            raise InvalidRequest(describe(err)) from err
-        except ValueError as err:
-            raise InvalidRequest(str(err)) from err
+        every input error surfaces here as InvalidRequestError, naming the field)."""
+        if request.model and request.model != self.model_id:
+            raise InvalidRequestError("model", f"unknown model {request.model!r} (serving {self.model_id!r})")
+        spec = generation_input(request, self.default_max_tokens)
+        outputs = self.engine.generate(
+            spec.prompt, spec.sampling, messages=spec.chat(), speculate=spec.speculation,
+            request_id=spec.request_id,
+        )  # fmt: skip
+        first = await anext(outputs)
         return _responses(first, outputs)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

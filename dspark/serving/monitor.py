@@ -63,8 +63,6 @@ class ServingMonitor:
         self.sink = sink
         self._arrivals: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
-        self._drafted_at: list[int] = []
-        self._accepted_at: list[int] = []
         self._steps: deque[tuple[int, int, float]] = deque(maxlen=window)  # could_draft, verified, squeeze
         self._load = LoadSummary(running=0, waiting=0, verification_budget=0.0, budget_squeeze=0.0)
 
@@ -75,8 +73,8 @@ class ServingMonitor:
         now = time.perf_counter() if now is None else now
         for out in outputs:
             self._latencies(out, now)
-            if out.finished and out.spec and out.spec.get("steps"):
-                self.sink.record("dspark_request_tau", float(out.spec["tau"]))
+            if out.finished and out.spec is not None and out.spec.steps:
+                self.sink.record("dspark_request_tau", out.spec.tau)
         self._speculation(engine)
         step = engine.last_step
         self.sink.record("dspark_queue_length", step.waiting)
@@ -102,17 +100,15 @@ class ServingMonitor:
             self._last_token.pop(rid, None)
 
     def _speculation(self, engine: Engine) -> None:
-        stats = engine.stats
-        for j, (drafted, accepted) in enumerate(zip(stats.drafted_at, stats.accepted_at, strict=True)):
-            if j == len(self._drafted_at):
-                self._drafted_at.append(0)
-                self._accepted_at.append(0)
+        step = engine.last_step
+        for j, (drafted, accepted) in enumerate(
+            zip(step.spec.drafted_at, step.spec.accepted_at, strict=True)
+        ):
             tags = {"position": str(j)}
-            if drafted > self._drafted_at[j]:
-                self.sink.record("dspark_drafted_tokens", drafted - self._drafted_at[j], tags)
-            if accepted > self._accepted_at[j]:
-                self.sink.record("dspark_accepted_tokens", accepted - self._accepted_at[j], tags)
-            self._drafted_at[j], self._accepted_at[j] = drafted, accepted
+            if drafted:
+                self.sink.record("dspark_drafted_tokens", drafted, tags)
+            if accepted:
+                self.sink.record("dspark_accepted_tokens", accepted, tags)
         step = engine.last_step
         if step.could_draft:
             if step.verified == 0:

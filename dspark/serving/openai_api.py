@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dspark.engine import RequestOutput
+from dspark.errors import InvalidRequestError
 from dspark.sampling import SamplingParams
-from dspark.serving.api import ChatMessage, describe
+from dspark.serving.api import ChatMessage
 from dspark.serving.async_engine import AsyncEngine
 
 
@@ -40,11 +41,15 @@ class _OpenAIRequest(BaseModel):
     speculation: bool = True
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters; raises InvalidRequestError naming the request's field."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            max_tokens=self.max_tokens or default_max_tokens, stop=stop, ignore_eos=self.ignore_eos,
-        )  # fmt: skip
+        try:
+            return SamplingParams(
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                max_tokens=self.max_tokens or default_max_tokens, stop=stop, ignore_eos=self.ignore_eos,
+            )  # fmt: skip
+        except ValidationError as err:
+            raise InvalidRequestError.from_validation(err) from err
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -155,11 +160,8 @@ class OpenAIHandlers:
             params = body.sampling(self.default_max_tokens)
             stream = self.engine.generate(params=params, speculate=body.speculation, **inputs)
             first = await anext(stream)
-        except ValidationError as err:
-            return _error(400, describe(err))
-        except ValueError as err:
-            field = str(err).split(":")[0] if ":" in str(err) else None
-            return _error(400, str(err), field)
+        except InvalidRequestError as err:
+            return _error(400, str(err), err.field)
         return stream, first
 
 

@@ -19,6 +19,16 @@ from dspark.models.llama import Transformer
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CALIBRATION = "calibration.json"
+# The drafter shipped for the default target (SmolLM2-135M-Instruct); `drafter: default` names it.
+SHIPPED_DRAFTER = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-instruct"
+
+
+def resolve_drafter_dir(drafter: str) -> Path:
+    """A drafter folder from a config value ('default': the shipped checkpoint)."""
+    path = SHIPPED_DRAFTER if drafter == "default" else Path(drafter)
+    if not (path / CONFIG).exists():
+        raise FileNotFoundError(f"no DSpark drafter checkpoint at {path}")
+    return path
 
 
 def save_drafter(

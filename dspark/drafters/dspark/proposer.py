@@ -18,7 +18,7 @@ from dspark.drafters.dspark.calibration import Calibration
 from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
 from dspark.drafters.dspark.model import DSparkDrafter
 from dspark.models.llama import Transformer
-from dspark.proposers.base import Draft, DraftRequest
+from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import params_tensors, processed_probs
 
 
@@ -53,7 +53,7 @@ class _Context:
         return [(k[: self.length], v[: self.length]) for k, v in self.buffers]
 
 
-class DSparkProposer:
+class DSparkProposer(Proposer):
     name = "dspark"
 
     def __init__(self, drafter: DSparkDrafter, calibration: Calibration | None = None) -> None:
@@ -63,6 +63,7 @@ class DSparkProposer:
         self.calibration = calibration
         self.hidden_layers = tuple(drafter.cfg.target_layers)
         self.block_size = drafter.cfg.block_size
+        self.default_num_speculative_tokens = drafter.cfg.block_size  # the whole block it was trained on
         self.contexts: dict[str, _Context] = {}
 
     @classmethod

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.drafters.dspark.data import Sequence
-from dspark.drafters.dspark.losses import target_distribution
 from dspark.drafters.dspark.model import DSparkDrafter
+from dspark.training.data import Sequence
+from dspark.training.losses import target_distribution
 
 
 @dataclass

@@ -19,15 +19,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from dspark.drafters.dspark.blocks import make_blocks, sample_anchors, score_blocks
 from dspark.drafters.dspark.calibration import Calibration, fit_sts, prefix_ece
 from dspark.drafters.dspark.checkpoint import save_drafter
-from dspark.drafters.dspark.data import Sequence, generate_dataset, load_sequences
-from dspark.drafters.dspark.losses import drafter_loss, total_variation
 from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
-from dspark.models.default import cache_root
 from dspark.models.loader import load_transformer
 from dspark.prompts import write_json
+from dspark.runtime import cache_root, set_threads
+from dspark.training.blocks import make_blocks, sample_anchors, score_blocks
+from dspark.training.data import Sequence, generate_dataset, load_sequences
+from dspark.training.losses import drafter_loss, total_variation
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(50, ge=0)
     max_minutes: float | None = Field(None, gt=0, description="stop training after this long")
     checkpoint_minutes: float = Field(5.0, gt=0)
-    threads: int | None = None
+    num_threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
     seed: int = 0
 
     def resolved_data_dir(self) -> Path:
@@ -83,8 +83,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def train(cfg: TrainConfig) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +91,7 @@ def train(cfg: TrainConfig) -> Path:
         cfg.resolved_data_dir(), tuple(cfg.target_layers), cfg.num_prompts, cfg.max_response_tokens,
         model=cfg.model,
     )  # fmt: skip
+    log.info("phase 2/3: training the drafter")
     sequences = load_sequences(data_dir)
     train_set, holdout = sequences[: -cfg.holdout_sequences], sequences[-cfg.holdout_sequences :]
     log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
@@ -114,6 +114,7 @@ def train(cfg: TrainConfig) -> Path:
     del target
     drafter.to(device)
     fit(drafter, train_set, cfg, out, device)
+    log.info("phase 3/3: calibrating on %d held-out sequences", len(holdout))
     calibration, report = calibrate(drafter, holdout)
     write_json(out / "calibration_report.json", report)
     save_drafter(drafter, out, dtype=torch.float16, calibration=calibration)
@@ -231,6 +232,7 @@ def recalibrate(directory: str | Path, cfg: TrainConfig) -> dict:
     target = load_transformer(cfg.model, pack=False)
     drafter = load_drafter(directory, target)
     holdout = load_sequences(cfg.resolved_data_dir())[-cfg.holdout_sequences :]
+    log.info("phase 3/3: calibrating on %d held-out sequences", len(holdout))
     calibration, report = calibrate(drafter, holdout)
     write_json(Path(directory) / "calibration_report.json", report)
     (Path(directory) / CALIBRATION).write_text(calibration.model_dump_json(indent=2) + "\n")

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from dspark.assembly import build_engine
 from dspark.engine import Engine, EngineConfig
 from dspark.models.llama import Transformer, rms_norm
-from dspark.prompts import TRAIN_PROMPTS, PromptRecord, load_prompts, shared_datasets_dir
+from dspark.prompts import TRAIN_PROMPTS, PromptRecord, data_dir, load_prompts
 from dspark.proposers import DraftRequest
 from dspark.sampling import SamplingParams
 
@@ -139,7 +140,7 @@ def generate_dataset(
     """Generate (or resume generating) the training shards under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = load_prompts(shared_datasets_dir() / TRAIN_PROMPTS)
+    records = load_prompts(data_dir() / TRAIN_PROMPTS)
     random.Random(seed).shuffle(records)  # any prefix of shards is a mix of every dataset
     records = records[:num_prompts]
     config = EngineConfig(
@@ -150,10 +151,13 @@ def generate_dataset(
         max_tokens_per_step=1024,
     )
     recorder = FeatureRecorder(hidden_layers)
-    engine = Engine(config, observers=[recorder])
+    engine = build_engine(config, observers=[recorder])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-    for index, shard in enumerate(tqdm(shards, desc="generating shards")):
+    done = sum((out / f"shard-{i:04d}.safetensors").exists() for i in range(len(shards)))
+    log.info("phase 1/3: the target's responses to %d prompts, %d shards (%d already there) in %s",
+             len(records), len(shards), done, out)  # fmt: skip
+    for index, shard in enumerate(tqdm(shards, desc="generating shards", unit="shard")):
         path = out / f"shard-{index:04d}.safetensors"
         if path.exists():
             continue

@@ -8,6 +8,12 @@ import os
 import signal
 import threading
 
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from deployments.dspark_app import build_app
+from deployments.workers import placement_bundles
 from dspark.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -16,13 +22,6 @@ GRPC_SERVICER = "dspark.v1.dspark_pb2_grpc.add_DSparkServicer_to_server"
 
 def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, host: str = "127.0.0.1"):
     """Start Ray (if needed), the Serve proxies and the application; returns its handle."""
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from deployments.dspark_app import build_app
-    from deployments.workers import placement_bundles
-
     if not ray.is_initialized():
         # A laptop may have fewer cores than the configured ranks ask for: advertise enough logical CPUs
         # (the ranks then share cores, as threads would).
@@ -46,6 +45,4 @@ def serve_forever(config: ServeConfig, http_port: int, grpc_port: int, host: str
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
-    from ray import serve
-
     serve.shutdown()
