@@ -27,7 +27,9 @@ class NgramConfig(BaseModel):
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default", description="'default' (the embedded SmolLM2), a Hugging Face folder or a .gguf")
+    model: str = Field(
+        "default", description="'default' (the embedded SmolLM2), a Hugging Face folder or a .gguf"
+    )
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots = concurrently running requests")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     max_tokens_per_step: int = Field(512, ge=16, description="token budget of one forward (chunks prefill)")
