@@ -94,17 +94,16 @@ print(json.dumps({
     assert out["prompts"] > 0 and out["first"]
 
 
-def test_bench_runs_in_copy(isolated, tmp_path):
-    output = tmp_path / "bench.json"
-    _run(isolated, ["-m", "dspark.cli", "bench", "--num-prompts", "1", "--max-tokens", "4",
-                    "--no-compare-transformers", "--no-cost-curve", "--output", str(output)])  # fmt: skip
-    assert output.exists()
-    assert json.loads(output.read_text())
-
-
-def test_eval_runs_in_copy(isolated, tmp_path):
-    output = tmp_path / "eval.json"
-    _run(isolated, ["-m", "dspark.cli", "eval", "--num-prompts", "1", "--max-tokens", "4",
-                    "--temperatures", "0", "--output", str(output)])  # fmt: skip
-    assert output.exists()
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        ("bench", ["--no-compare-transformers", "--no-cost-curve"]),
+        ("eval", ["--temperatures", "0"]),
+    ],
+)
+def test_command_runs_in_copy(isolated, tmp_path, command, flags):
+    """`dspark bench` and `dspark eval` on their default prompt set, from the copy alone."""
+    output = tmp_path / f"{command}.json"
+    _run(isolated, ["-m", "dspark.cli", command, "--num-prompts", "1", "--max-tokens", "4", *flags,
+                    "--output", str(output)])  # fmt: skip
     assert json.loads(output.read_text())
