@@ -2,6 +2,6 @@
 
 from dspark.engine.config import EngineConfig
 from dspark.engine.engine import Completion, Engine
-from dspark.engine.request import RequestOutput
+from dspark.engine.request import RequestOutput, ResumeState
 
-__all__ = ["Completion", "Engine", "EngineConfig", "RequestOutput"]
+__all__ = ["Completion", "Engine", "EngineConfig", "RequestOutput", "ResumeState"]

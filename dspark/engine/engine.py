@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dspark.engine.config import EngineConfig
-from dspark.engine.request import Request, RequestOutput
+from dspark.engine.request import Request, RequestOutput, ResumeState
 from dspark.engine.stats import SpecStats, SpecSummary, StepReport
 from dspark.errors import InvalidRequestError
 from dspark.models.kv_cache import KVCache
@@ -145,8 +145,10 @@ class Engine:
         messages: list[dict] | None = None,
         request_id: str | None = None,
         speculate: bool = True,
+        resume: ResumeState | None = None,
     ) -> str:
-        """Queue a request; `speculate=False` decodes it without drafts (the output is the same)."""
+        """Queue a request; `speculate=False` decodes it without drafts (the output is the same). `resume`
+        continues a request another replica started: its streamed tokens are re-prefilled after the prompt."""
         ids = self.encode_prompt(prompt, messages)
         if not ids:
             raise InvalidRequestError("prompt", "must contain at least one token")
@@ -159,7 +161,9 @@ class Engine:
             raise InvalidRequestError("prompt", f"token ids must lie in [0, {vocab})")
         if request_id is not None and any(r.request_id == request_id for r in (*self.waiting, *self.running)):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id, speculate)
+        if resume is not None and len(ids) + len(resume.output_ids) >= self.config.max_model_len:
+            raise InvalidRequestError("resume.output_ids", "prompt and output do not fit max_model_len")
+        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id, speculate, resume)
         self.waiting.append(request)
         return request.request_id
 
@@ -203,6 +207,9 @@ class Engine:
         if not self.running:
             return []
         scheduled = self._schedule()
+        for s in scheduled:
+            if s.final:
+                s.request.reseed()
         self._propose(scheduled)
         logits = self._forward(scheduled)
         for s in scheduled:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from dspark.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dspark.engine.stats import SpecStats, SpecSummary
@@ -30,6 +30,14 @@ class RequestOutput(BaseModel):
     spec: SpecSummary | None = None  # speculation summary, on the final output
 
 
+class ResumeState(BaseModel):
+    """What the client already received of a request resumed after a fault: its output tokens are
+    re-prefilled after the prompt and count as output; text already sent is not sent again."""
+
+    output_ids: list[int] = Field(min_length=1)
+    text_chars: int = Field(ge=0, description="characters of text the client already received")
+
+
 class Request:
     def __init__(
         self,
@@ -38,10 +46,11 @@ class Request:
         tokenizer,
         request_id: str | None = None,
         speculate: bool = True,
+        resume: ResumeState | None = None,
     ) -> None:
         self.request_id = request_id if request_id is not None else f"req-{next(_request_ids)}"
         self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
+        self.output_ids: list[int] = list(resume.output_ids) if resume is not None else []
         self.params = params
         self.speculate = speculate
         self.generator: torch.Generator | None = make_generator(params.seed)
@@ -50,8 +59,19 @@ class Request:
         self.stats = SpecStats()
         self.slot: int | None = None
         self.num_cached = 0  # positions of this request in its KV-cache slot
-        self.pending: list[int] = list(self.prompt_ids)  # tokens not yet in the cache
+        self.pending: list[int] = self.prompt_ids + self.output_ids  # tokens not yet in the cache
         self.finish_reason: FinishReason | None = None
+        self._unsent_text = ""
+        if resume is not None:  # replay the sent tokens: detokenizer and stop matcher resume mid-stream
+            replayed, _ = self.stop_matcher.feed(self.detokenizer.push(self.output_ids))
+            self._unsent_text = replayed[resume.text_chars :]
+
+    def reseed(self) -> None:
+        """A seeded request draws each step's randomness from a stream fixed by (seed, output position), so
+        a request resumed elsewhere continues the stream an uninterrupted run would have used."""
+        if self.generator is not None and self.params.seed is not None:
+            mixed = (self.params.seed * 0x9E3779B97F4A7C15 + len(self.output_ids)) % (1 << 63)
+            self.generator.manual_seed(mixed)
 
     @property
     def token_ids(self) -> list[int]:
@@ -66,6 +86,7 @@ class Request:
         return self.params.max_tokens - len(self.output_ids)
 
     def output(self, new_ids: list[int], text: str) -> RequestOutput:
+        text, self._unsent_text = self._unsent_text + text, ""
         return RequestOutput(
             request_id=self.request_id,
             token_ids=new_ids,
