@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import ray
 from ray import serve
@@ -18,6 +19,7 @@ from dspark.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
 GRPC_SERVICER = "dspark.v1.dspark_pb2_grpc.add_DSparkServicer_to_server"
+APP_NAME = "dspark"
 
 
 def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, host: str = "127.0.0.1"):
@@ -33,16 +35,42 @@ def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, hos
             port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER], enable_reflection=True
         ),
     )
-    return serve.run(build_app(config.model_dump()), name="dspark", route_prefix="/")
+    return serve.run(build_app(config.model_dump()), name=APP_NAME, route_prefix="/")
+
+
+# How long SIGTERM waits for in-flight requests before Serve is shut down regardless: the replicas' own
+# graceful_shutdown_timeout_s plus a margin for the controller.
+DRAIN_MARGIN_S = 10.0
+
+
+def drain(app: str = APP_NAME, grace_s: float = 30.0, hurry: threading.Event | None = None) -> bool:
+    """Stop an application without cutting off its requests: Serve stops routing new ones to its replicas,
+    and each replica waits for its ongoing requests (its deployment's graceful_shutdown_timeout_s) before
+    it stops. Returns whether that finished within `grace_s` (or before `hurry` was set)."""
+    deleting = threading.Thread(target=serve.delete, args=(app,), daemon=True, name="dspark-drain")
+    deleting.start()
+    deadline = time.monotonic() + grace_s
+    while deleting.is_alive() and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+        deleting.join(0.1)
+    return not deleting.is_alive()
 
 
 def serve_forever(config: ServeConfig, http_port: int, grpc_port: int, host: str) -> None:
+    """Serve until SIGINT or SIGTERM, then drain in-flight requests (a second signal stops at once)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start(config, http_port, grpc_port, host)
     print(f"DSpark serving {config.model_id}: OpenAI HTTP on http://{host}:{http_port}/v1, "
           f"gRPC dspark.v1.DSpark on {host}:{grpc_port}. Ctrl-C stops.", flush=True)  # fmt: skip
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     stop.wait()
+    grace = config.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
+    log.info("stopping: no new requests; in-flight requests have up to %.0fs to finish", grace)
+    if not drain(APP_NAME, grace, hurry):
+        log.warning("stopping with requests still in flight (grace period over, or a second signal)")
     serve.shutdown()

@@ -9,6 +9,7 @@ drafter's), so a replica and its workers are scheduled, and released, together.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import ray
@@ -32,7 +33,9 @@ class TargetWorker:
         run_follower(source, rank, world_size, init_method, threads)
 
 
-@ray.remote
+# Ray restarts a dead draft worker (its drafter rebuilt, its request state empty); meanwhile, and while
+# the RemoteProposer resynchronises, the engine decodes without drafts (dspark/proposers/remote.py).
+@ray.remote(max_restarts=-1, max_task_retries=0)
 class DraftWorker:
     """Hosts the drafter; the engine's RemoteProposer sends it one DraftCall per step."""
 
@@ -48,6 +51,26 @@ class DraftWorker:
 
     def handle(self, call: DraftCall):
         return self.host.handle(call)
+
+
+class ActorTransport:
+    """A RemoteProposer's transport to a DraftWorker: one actor call, awaited until its deadline.
+
+    A call past its deadline raises (the proposer falls back to plain decoding) and is cancelled if it
+    still waits in the actor's queue; one already running finishes there, which the proposer's
+    resynchronisation allows for."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def __call__(self, call: DraftCall, timeout: float | None) -> list:
+        ref = self.actor.handle.remote(call)
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            with contextlib.suppress(Exception):  # best effort: the actor may be gone
+                ray.cancel(ref)
+            raise
 
 
 def placement_bundles(cfg: ServeConfig) -> list[dict[str, float]]:
@@ -88,7 +111,7 @@ class ReplicaWorkers:
             stop_leader(self.engine.model)
             ray.get(self.follower_runs, timeout=30)
         for actor in [*self.followers, *([self.drafter] if self.drafter is not None else [])]:
-            ray.kill(actor)
+            ray.kill(actor)  # no_restart=True: a restartable draft worker stays down
 
 
 def start_replica(cfg: ServeConfig) -> ReplicaWorkers:
@@ -117,7 +140,7 @@ def start_replica(cfg: ServeConfig) -> ReplicaWorkers:
             drafter_threads,
         )
         info = ray.get(drafter.describe.remote())
-        proposer = RemoteProposer(lambda call: ray.get(drafter.handle.remote(call)), info)
+        proposer = RemoteProposer(ActorTransport(drafter), info, deadline_s=cfg.drafter_timeout_s)
     # A first start answers at once and measures the cost profile in the replica's idle time, as it serves.
     engine = build_engine(engine_config, model=model, proposer=proposer, defer_profile=True)
     return ReplicaWorkers(engine, followers, runs, drafter)

@@ -62,7 +62,8 @@ def _timed(run: Callable[[list[int]], list[int]], ids: list[int]) -> tuple[list[
 def _transformers_runner(model_dir: str, max_tokens: int) -> Callable[[list[int]], list[int]]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # safetensors only: a folder with pickled weights (pytorch_model.bin) is refused, not unpickled.
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
 
     def run(ids: list[int]) -> list[int]:
         with torch.inference_mode():

@@ -42,7 +42,9 @@ class ProfileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig = EngineConfig()
-    remeasure: bool = Field(False, description="measure again, ignoring the cached profile")
+    remeasure: bool = Field(
+        False, description="measure again and replace the cached profile (a result far off it is remeasured)"
+    )
     output: str | None = Field(None, description="also write the profile to this JSON file")
 
 
@@ -94,17 +96,21 @@ def _bench_load(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from dspark.assembly import build_engine
+    from dspark.scheduling.cost_profile import load_or_measure, profile_dir
 
     config = config_from_args(ProfileConfig, args)
-    verification = config.engine.verification.model_copy(
-        update={"policy": "scheduler", "profile_cache": not config.remeasure}
-    )
-    engine = build_engine(config.engine.model_copy(update={"verification": verification}))
+    fixed = config.engine.verification.model_copy(update={"policy": "fixed"})  # the profile comes below
+    engine = build_engine(config.engine.model_copy(update={"verification": fixed}))
     if engine.proposer is None:
         raise InvalidRequestError(
             "proposer", "the cost profile is a speculating engine's: choose ngram or dspark"
         )
-    text = json.dumps(engine.policy.profile.model_dump(), indent=1)
+    directory = profile_dir() if config.engine.verification.profile_cache else None
+    profile = load_or_measure(
+        engine.model, engine.proposer, config.engine.max_batch_size, engine.num_speculative_tokens,
+        directory, remeasure=config.remeasure,
+    )  # fmt: skip
+    text = json.dumps(profile.model_dump(), indent=1)
     if config.output:
         Path(config.output).write_text(text + "\n")
     print(text)

@@ -92,7 +92,8 @@ def _add_fields(parser, model, defaults, prefix, flatten, skip, seen) -> None:
         if "choices" not in kwargs and "action" not in kwargs:
             kwargs["metavar"] = name.upper()
         description = field.description or ""
-        kwargs["help"] = f"{description} (default: {_show(default)})".strip()
+        shown = _show(default) if field.repr else "hidden"  # repr=False marks a secret (an API key)
+        kwargs["help"] = f"{description} (default: {shown})".strip()
         parser.add_argument(flag, dest=_DEST + dotted, default=argparse.SUPPRESS, **kwargs)
 
 

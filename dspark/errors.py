@@ -20,12 +20,39 @@ class InvalidRequestError(ValueError):
         return type(self), (self.field, self.message)
 
     @classmethod
-    def from_validation(cls, error: ValidationError, prefix: str = "") -> InvalidRequestError:
-        """The first offending field of a pydantic error (all of them in the message)."""
+    def from_validation(
+        cls, error: ValidationError, prefix: str = "", model_field: str = "request"
+    ) -> InvalidRequestError:
+        """The first offending field of a pydantic error (all of them in the message); an error of the model
+        as a whole (a cross-field rule) names `model_field`."""
         items = error.errors()
-        fields = [".".join(str(p) for p in (prefix, *item["loc"]) if p != "") or "request" for item in items]
+        fields = [
+            ".".join(str(p) for p in (prefix, *item["loc"]) if p != "") or model_field for item in items
+        ]
         message = "; ".join(
             f"{f}: {item['msg']}" if i else item["msg"]
             for i, (f, item) in enumerate(zip(fields, items, strict=True))
         )
-        return cls(fields[0] if fields else (prefix or "request"), message)
+        return cls(fields[0] if fields else (prefix or model_field), message)
+
+
+class OverloadedError(RuntimeError):
+    """The server is at capacity (its running batch and bounded queue are full); the request was refused at
+    once. Front ends map it to HTTP 429 with `Retry-After` and gRPC RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(f"{message}; retry after {retry_after_s} s")
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.retry_after_s)
+
+
+class AuthenticationError(PermissionError):
+    """A missing or wrong API key: HTTP 401, gRPC UNAUTHENTICATED."""
+
+
+class UnavailableError(RuntimeError):
+    """Nothing can serve the request now (the engine loop stopped, or no replica took it over within the
+    retry timeout): HTTP 503, gRPC UNAVAILABLE."""

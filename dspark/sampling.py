@@ -7,17 +7,24 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+MAX_STOP_STRINGS = 16  # per request; each is matched against the output at every step
+MAX_STOP_LENGTH = 256  # characters per stop string
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, description="sampling temperature; 0 is greedy")
+    temperature: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="sampling temperature; 0 is greedy"
+    )
     top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens; 0 disables top-k")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    seed: int | None = Field(None, description="the request's own RNG seed (reproducible sampling)")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**64, description="the request's own RNG seed (reproducible sampling)"
+    )
     max_tokens: int = Field(128, ge=1, description="most tokens to generate")
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(
-        [], description="stop strings (not in the output)"
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] = Field(
+        [], max_length=MAX_STOP_STRINGS, description="stop strings (not in the output)"
     )
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
 

@@ -77,15 +77,13 @@ def hop_ms(engine_config, model, counts=(1, 8)) -> dict:
     the way the scheduler's cost profile times a drafter."""
     import ray
 
-    from deployments.workers import DraftWorker
+    from deployments.workers import ActorTransport, DraftWorker
     from dspark.assembly import build_proposer, with_draft_length
     from dspark.proposers.remote import RemoteProposer
     from dspark.scheduling.cost_profile import profile_proposer
 
     worker = DraftWorker.options(num_cpus=1).remote(engine_config.model_dump(), 1)
-    remote = RemoteProposer(
-        lambda call: ray.get(worker.handle.remote(call)), ray.get(worker.describe.remote())
-    )
+    remote = RemoteProposer(ActorTransport(worker), ray.get(worker.describe.remote()))
     placements = {"colocated": build_proposer(engine_config, model), "disaggregated": remote}
     out = {}
     for label, proposer in placements.items():

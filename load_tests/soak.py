@@ -77,10 +77,11 @@ class StreamResult(BaseModel):
 
 
 def _processes(marker: str) -> list[psutil.Process]:
+    """Processes whose title names the actor class `marker` exactly (a method may follow after a dot)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if f"ray::{marker}" in cmdline:
+        title = (proc.info["cmdline"] or [""])[0]
+        if title == f"ray::{marker}" or title.startswith(f"ray::{marker}."):
             found.append(proc)
     return found
 

@@ -114,5 +114,59 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path):
     assert drafter.cfg.draft_vocab_size == 256 and drafter.cfg.num_layers == 1
     calibration = load_calibration(out)
     assert calibration is not None and len(calibration.greedy) == cfg.block_size
+    assert (out / "train_state.json").exists() and not (out / "train_state.pt").exists()  # no pickle
     train(cfg)  # everything done: resumes at the last step, trains nothing more, re-exports
     assert (out / "train_history.json").read_text() == history
+
+
+def _toy_training(model, optimizer, rng, generator, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(4, 3, generator=generator) + rng.random()
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _toy():
+    import random
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    return model, optimizer, random.Random(1), torch.Generator().manual_seed(2)
+
+
+def test_resume_state_is_safetensors_and_json_and_resumes_exactly(tmp_path):
+    """Training resumed from the saved state takes the very steps an uninterrupted run takes; the state is
+    a safetensors file and validated JSON (no pickle), and a save replaces the previous pair atomically."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from dspark.training.train import TrainState, load_train_state, save_train_state
+
+    path = tmp_path / "train_state.json"
+    model, optimizer, rng, generator = _toy()
+    _toy_training(model, optimizer, rng, generator, 3)
+    save_train_state(path, model, optimizer, 2, rng, generator)
+    save_train_state(path, model, optimizer, 3, rng, generator)
+    _toy_training(model, optimizer, rng, generator, 3)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train_state-0000003.safetensors",
+        "train_state.json",
+    ]
+    state = TrainState.model_validate_json(path.read_text())
+    tensors = load_file(tmp_path / state.tensors_file)
+    assert "torch_generator" in tensors and any(k.startswith("optimizer.0.") for k in tensors)
+
+    model, optimizer, rng, generator = _toy()  # a fresh process: other initial values
+    assert load_train_state(path, model, optimizer, rng, generator) == 3
+    _toy_training(model, optimizer, rng, generator, 3)
+    for got, want in zip(model.parameters(), uninterrupted, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    path.write_text(path.read_text().replace(state.tensors_file, "../elsewhere.safetensors"))
+    with pytest.raises(ValueError, match="tensors_file"):
+        load_train_state(path, *_toy())

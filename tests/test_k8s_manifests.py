@@ -265,6 +265,47 @@ def test_cpu_manifest():
         assert cfg.drafter_placement == "colocated" and cfg.num_cpus == 2
 
 
+def _probe_command(container: dict, kind: str) -> str:
+    probe = container.get(kind)
+    assert probe is not None, f"{container['name']} has no {kind}"
+    assert set(probe) & {"exec", "httpGet", "tcpSocket", "grpc"}, (
+        f"{kind} of {container['name']} checks nothing"
+    )
+    if "httpGet" in probe:
+        return f"http://localhost:{probe['httpGet']['port']}{probe['httpGet']['path']}"
+    return " ".join(probe["exec"]["command"])
+
+
+def _patience_s(probe: dict) -> int:
+    """How long a probe keeps failing before Kubernetes acts (defaults as the API server sets them)."""
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_probes(manifest: dict):
+    """Every Ray container has readiness and liveness probes. The head: raylet and GCS health. Workers: ready
+    while the raylet and their Serve proxy answer (on the configured HTTP port), out of the Service at the
+    first failure; alive while the raylet answers (a proxy problem must not restart a pod). Liveness waits
+    far longer than readiness before it acts."""
+    http_port = serve_config(manifest)["http_options"]["port"]
+    spec = cluster(manifest)
+    for container in containers(spec["headGroupSpec"]):
+        for kind in ("readinessProbe", "livenessProbe"):
+            command = _probe_command(container, kind)
+            assert "api/local_raylet_healthz" in command and "api/gcs_healthz" in command
+            assert "-/healthz" not in command, "the head's proxy is checked by the RayService controller"
+        assert _patience_s(container["livenessProbe"]) > _patience_s(container["readinessProbe"])
+    for group in spec["workerGroupSpecs"]:
+        for container in containers(group):
+            ready, alive = (
+                _probe_command(container, "readinessProbe"),
+                _probe_command(container, "livenessProbe"),
+            )
+            assert "api/local_raylet_healthz" in ready and f"localhost:{http_port}/-/healthz" in ready
+            assert container["readinessProbe"]["failureThreshold"] == 1
+            assert "api/local_raylet_healthz" in alive and "-/healthz" not in alive
+            assert _patience_s(container["livenessProbe"]) >= 300
+
+
 # ---- the validator is not vacuous -------------------------------------------------------------------------
 
 
@@ -308,6 +349,14 @@ def _non_string_start_param(m: dict) -> None:
     cluster(m)["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
 
 
+def _probe_field_typo(m: dict) -> None:
+    containers(_gpu_group(m))[0]["readinessProbe"]["exec"]["cmd"] = ["true"]
+
+
+def _string_probe_threshold(m: dict) -> None:
+    containers(cluster(m)["headGroupSpec"])[0]["livenessProbe"]["failureThreshold"] = "120"
+
+
 def _serve_config_as_mapping(m: dict) -> None:
     m["spec"]["serveConfigV2"] = serve_config(m)
 
@@ -322,6 +371,8 @@ BROKEN = [
     _string_container_port,
     _port_out_of_int32,
     _non_string_start_param,
+    _probe_field_typo,
+    _string_probe_threshold,
     _serve_config_as_mapping,
 ]
 

@@ -9,10 +9,10 @@ import pytest
 
 from dspark.assembly import build_engine
 from dspark.engine import Engine, EngineConfig, RequestOutput, ResumeState
-from dspark.errors import InvalidRequestError
+from dspark.errors import InvalidRequestError, UnavailableError
 from dspark.sampling import SamplingParams
 from dspark.scheduling import VerificationConfig
-from dspark.serving.resume import ResumeConfig, Unavailable, resumable
+from dspark.serving.resume import ResumeConfig, resumable
 
 PARAMS = SamplingParams(max_tokens=32, ignore_eos=True)
 
@@ -104,7 +104,7 @@ def test_nobody_to_resume_on_ends_as_unavailable():
 
         return stream()
 
-    with pytest.raises(Unavailable, match="no replica"):
+    with pytest.raises(UnavailableError, match="no replica"):
         collect(resumable(start, is_fault, ResumeConfig(retry_timeout_s=0.2, first_backoff_s=0.02)))
 
 

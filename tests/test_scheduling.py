@@ -15,6 +15,12 @@ from dspark.scheduling import (
     load_or_measure,
     schedule_prefixes,
 )
+from dspark.scheduling.cost_profile import (
+    ProfileMeasurement,
+    cached_or_measurement,
+    plausibility,
+    profile_key,
+)
 from dspark.scheduling.policies import ScheduledVerification
 
 
@@ -57,6 +63,93 @@ def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     assert len(files) == 1
     cached = load_or_measure(default_model, proposer, 2, 6, tmp_path)
     assert cached == measured  # read back, not re-measured
+
+
+def _fake_measurements(profiles: list[CostProfile]):
+    """A measurement that times nothing: each attempt takes one 'run' and yields the next profile."""
+    queue = iter(profiles)
+
+    def measure():
+        profile = next(queue)
+        yield
+        return profile
+
+    return measure
+
+
+GOOD = [[10.0, 11.0, 14.0], [20.0, 24.0, 40.0]]
+
+
+def test_plausibility_allows_noise_and_rejects_shapes_that_cost_much_less():
+    assert plausibility(_profile(GOOD)).ok
+    noisy = _profile([[10.0, 9.0, 14.0], [20.0, 24.0, 40.0]])  # 10% below a smaller shape: noise
+    assert plausibility(noisy).ok
+    fewer_tokens_slower = _profile([[10.0, 11.0, 6.0], [20.0, 24.0, 40.0]])
+    found = plausibility(fewer_tokens_slower)
+    assert not found.ok and "1 requests x 5 tokens" in found.problems[0] and found.score > 0
+    fewer_requests_slower = _profile([[30.0, 31.0, 34.0], [20.0, 24.0, 40.0]])
+    assert not plausibility(fewer_requests_slower).ok
+    assert not plausibility(_profile(GOOD, draft_ms=[5.0, 1.0])).ok  # 4 requests drafted in a fifth
+    assert plausibility(_profile(GOOD, draft_ms=[0.02, 0.01])).ok  # sub-millisecond noise is allowed
+    assert not plausibility(_profile([[10.0, float("nan"), 14.0], [20.0, 24.0, 40.0]])).ok
+    # Against the profile a measurement replaces: more than 2x off is implausible, either way.
+    twice = _profile([[v * 2.5 for v in row] for row in GOOD])
+    assert plausibility(twice).ok and not plausibility(twice, reference=_profile(GOOD)).ok
+    assert plausibility(_profile([[v * 1.5 for v in row] for row in GOOD]), reference=_profile(GOOD)).ok
+    half = _profile([[v / 3 for v in row] for row in GOOD])
+    assert not plausibility(half, reference=_profile(GOOD)).ok
+
+
+def test_an_implausible_measurement_is_measured_again(tmp_path):
+    bad, good = _profile([[10.0, 11.0, 4.0], [20.0, 24.0, 40.0]]), _profile(GOOD)
+    path = tmp_path / "profile.json"
+    measurement = ProfileMeasurement(None, None, 4, 4, path, "test", measure=_fake_measurements([bad, good]))
+    assert measurement.run(progress=False) == good
+    assert [p for p, _ in measurement.rejected] == [bad]
+    assert measurement.total_runs == 2 * measurement.runs_per_attempt
+    assert CostProfile.model_validate_json(path.read_text()) == good
+
+
+def test_after_every_attempt_the_most_plausible_measurement_is_kept():
+    worse = _profile([[10.0, 11.0, 2.0], [20.0, 24.0, 40.0]])
+    bad = _profile([[10.0, 11.0, 6.0], [20.0, 24.0, 40.0]])
+    measure = _fake_measurements([worse, bad, worse])
+    measurement = ProfileMeasurement(None, None, 4, 4, None, "test", attempts=3, measure=measure)
+    assert measurement.run(progress=False) == bad and len(measurement.rejected) == 3
+
+
+def test_a_remeasurement_far_off_the_cached_profile_is_measured_again():
+    reference = _profile(GOOD)
+    spike = _profile([[v * 3 for v in row] for row in GOOD])  # a noisy neighbour during the whole run
+    close = _profile([[v * 1.1 for v in row] for row in GOOD])
+    measure = _fake_measurements([spike, close])
+    measurement = ProfileMeasurement(None, None, 4, 4, None, "test", reference=reference, measure=measure)
+    assert measurement.run(progress=False) == close
+
+
+def test_cached_profiles_are_validated_on_load(default_model, tmp_path):
+    proposer = NgramProposer()
+    key = profile_key(default_model, 2, 4, proposer.name)
+    path = tmp_path / f"{key}.json"
+    grid = {"requests": [1, 2], "tokens_per_request": [1, 2, 3, 5], "draft_ms": [0.01, 0.02]}
+    plausible = CostProfile(key=key, target_ms=[[20.0, 21.0, 22.0, 25.0], [30.0, 31.0, 33.0, 36.0]], **grid)
+
+    def cached():
+        return cached_or_measurement(default_model, proposer, 2, 4, tmp_path)
+
+    path.write_text(plausible.model_dump_json())
+    assert cached() == plausible
+    remeasure = cached_or_measurement(default_model, proposer, 2, 4, tmp_path, remeasure=True)
+    assert isinstance(remeasure, ProfileMeasurement) and remeasure.reference == plausible
+    for broken in (
+        plausible.model_copy(update={"target_ms": [[20.0, 21.0, 22.0, 5.0], [30.0, 31.0, 33.0, 36.0]]}),
+        plausible.model_copy(update={"key": "elsewhere"}),
+    ):
+        path.write_text(broken.model_dump_json())
+        found = cached()
+        assert isinstance(found, ProfileMeasurement) and found.reference is None
+    path.write_text('{"key": "')
+    assert isinstance(cached(), ProfileMeasurement)
 
 
 # ---- online acceptance estimator --------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """End to end on a local Ray cluster: the Serve application behind Ray's gRPC and HTTP proxies.
 
 Streamed gRPC text and the `openai` client's text equal the engine's direct greedy output; a cancelled
-stream frees its KV slot; bad input gets INVALID_ARGUMENT / 400 naming the field; server reflection lists
-the service. Redeployed with two tensor-parallel ranks and a disaggregated drafter, the text is the same.
+stream frees its KV slot; bad input gets INVALID_ARGUMENT / 400 naming the field (a max_tokens beyond
+max_model_len included) and the next request succeeds; /health answers; server reflection lists the service.
+Redeployed with two tensor-parallel ranks, a disaggregated drafter and an API key, the text is the same and
+both proxies refuse requests without the key (health stays open).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -27,6 +32,7 @@ MODEL_ID = "SmolLM2-135M-Instruct"
 APP = (("application", "dspark"),)
 PROMPTS = ["List three colours of the rainbow.", "Write a haiku about autumn leaves."]
 MAX_TOKENS = 40
+KEY = "ray-s3cret"
 
 
 def _free_port() -> int:
@@ -76,10 +82,10 @@ def reference(default_model, tokenizer) -> list[str]:
     return [c.text for c in plain.generate(PROMPTS, params)]
 
 
-def _grpc_text(stub, prompt: str) -> tuple[str, pb.GenerateResponse]:
+def _grpc_text(stub, prompt: str, metadata=APP) -> tuple[str, pb.GenerateResponse]:
     request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=MAX_TOKENS))
     text, last = "", None
-    for message in stub.Generate(request, metadata=APP, timeout=120):
+    for message in stub.Generate(request, metadata=metadata, timeout=120):
         text, last = text + message.text, message
     return text, last
 
@@ -105,14 +111,39 @@ def test_openai_client_gets_the_same_text(cluster, reference):
     assert "".join(chunk.choices[0].text for chunk in stream) == reference[1]
     with pytest.raises(BadRequestError, match="temperature"):
         client.completions.create(model=MODEL_ID, prompt=PROMPTS[0], temperature=7.0)
+    with pytest.raises(BadRequestError, match=r"max_tokens.*max_model_len") as caught:
+        client.completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=10**9)
+    assert caught.value.response.json()["error"]["param"] == "max_tokens"
+    assert client.completions.create(model=MODEL_ID, prompt=PROMPTS[0], max_tokens=2).choices[0].text
 
 
-def test_bad_grpc_request_is_invalid_argument_naming_the_field(stub):
-    bad = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1.0))
+def _http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_health_and_an_unparseable_body(cluster):
+    base = f"http://127.0.0.1:{cluster['http_port']}"
+    assert _http(base + "/health") == (200, {"status": "ok"})
+    status, reply = _http(base + "/v1/completions", b"not json", {"Content-Type": "application/json"})
+    assert status == 400 and reply["error"]["message"].startswith("body: not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [({"temperature": -1.0}, "sampling.temperature"), ({"max_tokens": 10**9}, "sampling.max_tokens")],
+)
+def test_bad_grpc_request_is_invalid_argument_naming_the_field(stub, sampling, field):
+    bad = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(**sampling))
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(bad, metadata=APP, timeout=60))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "temperature" in caught.value.details()
+    assert caught.value.details().startswith(f"{field}: ")
+    assert _grpc_text(stub, PROMPTS[0])[0]  # the next request succeeds
 
 
 def test_cancel_frees_the_slot(stub):
@@ -153,13 +184,50 @@ def test_reflection_lists_the_service(cluster):
     assert "dspark.v1.DSpark" in services
 
 
-def test_tensor_parallel_and_disaggregated_drafter_give_the_same_text(cluster, stub, reference):
+def test_serve_cap_leaves_room_for_refusals():
+    """Serve's per-replica cap exceeds what the engine admits, so excess requests reach the replica and are
+    refused there (429 / RESOURCE_EXHAUSTED) rather than queueing unseen in the proxy."""
+    from deployments.dspark_app import REFUSAL_HEADROOM, deployment_options
+
+    config = _config(max_queued_requests=64, max_ongoing_requests=10)
+    assert deployment_options(config)["max_ongoing_requests"] == 4 + 64 + REFUSAL_HEADROOM
+    assert deployment_options(_config(max_ongoing_requests=500))["max_ongoing_requests"] == 500
+
+
+@pytest.fixture(scope="module")
+def secured(cluster):
+    """Redeployed (the last tests of the module): two TP ranks, a disaggregated drafter, an API key."""
     from deployments.dspark_app import build_app
 
-    config = _config(tensor_parallel_size=2, drafter_placement="disaggregated")
+    config = _config(tensor_parallel_size=2, drafter_placement="disaggregated", api_key=KEY)
     serve.run(build_app(config.model_dump()), name="dspark", route_prefix="/")
-    assert [_grpc_text(stub, p)[0] for p in PROMPTS] == reference
+    return cluster
+
+
+def test_tensor_parallel_and_disaggregated_drafter_give_the_same_text(secured, stub, reference):
+    authorized = (*APP, ("authorization", f"Bearer {KEY}"))
+    assert [_grpc_text(stub, p, authorized)[0] for p in PROMPTS] == reference
     from ray.util.state import list_actors
 
     actors = {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])}
     assert {"TargetWorker", "DraftWorker"} <= actors
+
+
+def test_api_key_on_both_proxies(secured, stub):
+    for metadata in (APP, (*APP, ("authorization", "Bearer wrong"))):
+        with pytest.raises(grpc.RpcError) as caught:
+            _grpc_text(stub, PROMPTS[0], metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        stub.ListModels(pb.ListModelsRequest(), metadata=(*APP, ("x-api-key", KEY))).models[0].id == MODEL_ID
+    )
+    assert stub.Health(pb.HealthRequest(), metadata=APP).status == pb.HealthResponse.SERVING  # no key
+    base = f"http://127.0.0.1:{secured['http_port']}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        status, reply = _http(base + "/v1/models", headers=headers)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    assert _http(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+    assert _http(base + "/health")[0] == 200

@@ -146,15 +146,25 @@ class Engine:
         request_id: str | None = None,
         speculate: bool = True,
         resume: ResumeState | None = None,
+        strict_max_tokens: bool = False,
     ) -> str:
         """Queue a request; `speculate=False` decodes it without drafts (the output is the same). `resume`
-        continues a request another replica started: its streamed tokens are re-prefilled after the prompt."""
+        continues a request another replica started: its streamed tokens are re-prefilled after the prompt.
+
+        Generation stops at max_model_len (finish reason `length`); with `strict_max_tokens` (a client's own
+        max_tokens, as vLLM treats it) a max_tokens that cannot fit after the prompt is refused instead."""
         ids = self.encode_prompt(prompt, messages)
         if not ids:
             raise InvalidRequestError("prompt", "must contain at least one token")
-        if len(ids) >= self.config.max_model_len:
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit max_model_len={limit}")
+        params = params or SamplingParams()
+        if strict_max_tokens and len(ids) + params.max_tokens > limit:
             raise InvalidRequestError(
-                "prompt", f"{len(ids)} tokens do not fit max_model_len={self.config.max_model_len}"
+                "max_tokens",
+                f"{params.max_tokens} does not fit: the prompt has {len(ids)} tokens and max_model_len is "
+                f"{limit}, so at most {limit - len(ids)}",
             )
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in ids):
@@ -163,7 +173,7 @@ class Engine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         if resume is not None and len(ids) + len(resume.output_ids) >= self.config.max_model_len:
             raise InvalidRequestError("resume.output_ids", "prompt and output do not fit max_model_len")
-        request = Request(ids, params or SamplingParams(), self.tokenizer, request_id, speculate, resume)
+        request = Request(ids, params, self.tokenizer, request_id, speculate, resume)
         self.waiting.append(request)
         return request.request_id
 
@@ -264,7 +274,9 @@ class Engine:
         if not wanted or not self.policy.wants_drafts(shape, len(wanted)):
             report.gated = bool(wanted)
             return
+        fallbacks = self.proposer.fallbacks
         drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
+        report.drafter_fallbacks = self.proposer.fallbacks - fallbacks
         drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafts, strict=True)]
         confidences = self._confidences([s.request for s, _ in wanted], drafts)
         lengths = self.policy.lengths(confidences, shape)

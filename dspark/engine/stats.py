@@ -18,6 +18,7 @@ class StepReport:
     gated: bool = False  # the policy skipped drafting altogether (drafts could not pay at this batch)
     offered: int = 0  # draft tokens the proposer offered
     verified: int = 0  # draft tokens the policy sent to verification
+    drafter_fallbacks: int = 0  # requests given no draft because the drafter failed (plain decoding)
 
     @property
     def squeeze(self) -> float:

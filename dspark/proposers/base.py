@@ -51,11 +51,14 @@ class Proposer(ABC):
     (a drafter's block size, prompt lookup's own default). A proposer conditioned on the target lists the
     target layers it needs in `hidden_layers`; the engine then shows it those layers' hidden states of
     every committed position (`observe`, see `TargetObserver`). `release` drops a finished request's state.
+    `fallbacks` counts drafts a proposer answered empty because its drafter failed (a remote worker that
+    died, raised or missed its deadline): one per request and step decoded plainly instead.
     """
 
     name: str
     default_num_speculative_tokens: int
     hidden_layers: tuple[int, ...] = ()
+    fallbacks: int = 0
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:

@@ -6,6 +6,13 @@ measured once per machine, model, thread count and batch limit (seconds), cached
 interpolated: linearly in tokens per request, and in log n between the profiled request counts.
 Per-request work (ragged attention, KV bookkeeping) makes time depend on n, not only on B, so the decode
 table is two-dimensional.
+
+A measurement is checked before the scheduler steers by it (`plausibility`): more tokens per request, more
+requests or a longer prompt chunk never cost much less than fewer (beyond timing noise), and a remeasured
+profile stays within a factor of two of the plausible profile it replaces. An implausible measurement (a
+noisy neighbour, a frequency change mid-run) is measured again, up to `MEASURE_ATTEMPTS` times, and the
+most plausible one is kept; a cached file is checked the same way when it is read, and remeasured if it
+fails.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from dspark.models.llama import Transformer
@@ -92,6 +99,79 @@ def _interp_extrapolated(x: float, xs: Sequence[float], ys: Sequence[float]) -> 
         return float(np.interp(x, xs, ys))
     slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
     return float(ys[-1] + slope * (x - xs[-1]))
+
+
+# ---- plausibility ------------------------------------------------------------------------------------------
+
+MAX_DROP = 0.25  # a larger shape may time this much below a smaller one (noise between interleaved runs)
+SLACK_MS = 0.2  # and this much in absolute terms (sub-millisecond drafter calls are mostly noise)
+MAX_RATIO = 2.0  # a remeasured profile's median time ratio to the one it replaces stays within [1/2, 2]
+MEASURE_ATTEMPTS = 3  # measurements of one profile at most, the most plausible kept
+
+
+@dataclass
+class Plausibility:
+    """What is implausible in a profile (nothing: `ok`); `score` ranks measurements (0 is plausible)."""
+
+    problems: list[str] = field(default_factory=list)
+    score: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def _monotone(self, values: Sequence[float], shapes: Sequence[object], what: str) -> None:
+        peak, peak_shape = -math.inf, None
+        for value, shape in zip(values, shapes, strict=True):
+            if not math.isfinite(value) or value < 0:
+                self.problems.append(f"{what}: {value} ms at {shape} is not a duration")
+                self.score += 1.0
+                continue
+            floor = (1 - MAX_DROP) * peak - SLACK_MS
+            if value < floor:
+                self.problems.append(
+                    f"{what}: {value} ms at {shape} is far below {peak} ms at the smaller {peak_shape}"
+                )
+                self.score += (floor - value) / peak
+            if value > peak:
+                peak, peak_shape = value, shape
+
+
+def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> Plausibility:
+    """Check that times grow with the work (within noise) and, given the plausible profile a measurement
+    replaces, that the machine did not become more than MAX_RATIO times faster or slower."""
+    found = Plausibility()
+    tokens, counts = profile.tokens_per_request, profile.requests
+    shaped = len(profile.target_ms) == len(counts) and all(len(r) == len(tokens) for r in profile.target_ms)
+    if (
+        not shaped
+        or len(profile.draft_ms) != len(counts)
+        or len(profile.prefill_ms) != len(profile.prefill_tokens)
+    ):
+        return Plausibility([f"tables do not match the profiled shapes ({counts} x {tokens})"], math.inf)
+    for n, row in zip(counts, profile.target_ms, strict=True):
+        found._monotone(row, [f"{n} requests x {t} tokens" for t in tokens], "target forward")
+    for j, t in enumerate(tokens):
+        found._monotone([row[j] for row in profile.target_ms], [f"{n} requests x {t} tokens" for n in counts],
+                        "target forward")  # fmt: skip
+    found._monotone(profile.prefill_ms, [f"a {t}-token chunk" for t in profile.prefill_tokens], "prefill")
+    found._monotone(profile.draft_ms, [f"{n} requests" for n in counts], "draft call")
+    if reference is not None and _same_shapes(profile, reference):
+        now = [v for row in profile.target_ms for v in row] + list(profile.prefill_ms)
+        before = [v for row in reference.target_ms for v in row] + list(reference.prefill_ms)
+        ratios = [a / b for a, b in zip(now, before, strict=True) if a > 0 and b > 0]
+        ratio = statistics.median(ratios) if ratios else 1.0
+        if not 1 / MAX_RATIO <= ratio <= MAX_RATIO:
+            found.problems.append(f"{ratio:.2f}x the times of the profile it replaces")
+            found.score += abs(math.log(ratio)) - math.log(MAX_RATIO)
+    return found
+
+
+def _same_shapes(a: CostProfile, b: CostProfile) -> bool:
+    def shapes(p: CostProfile) -> tuple:
+        return p.requests, p.tokens_per_request, p.prefill_tokens
+
+    return shapes(a) == shapes(b)
 
 
 @dataclass
@@ -239,7 +319,9 @@ class ProfileMeasurement:
     """Measures a cost profile whole (`run`) or one timed forward at a time (`advance`), and caches it.
 
     The runs are the engine's own forwards and propose calls on filler requests, so what is timed is what
-    a step costs on this machine, with whatever else it is running at the time."""
+    a step costs on this machine, with whatever else it is running at the time. An implausible result
+    (`plausibility`, against `reference`: the profile it replaces, if any) is measured again, up to
+    `attempts` times in all; the most plausible one is kept."""
 
     def __init__(
         self,
@@ -249,15 +331,25 @@ class ProfileMeasurement:
         num_speculative_tokens: int,
         path: Path | None,
         key: str,
+        reference: CostProfile | None = None,
+        attempts: int = MEASURE_ATTEMPTS,
+        measure: Callable[[], Generator[None, None, CostProfile]] | None = None,
     ) -> None:
         counts, grid = request_counts(max_requests), tokens_grid(num_speculative_tokens)
-        self.total_runs = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
-        self.total_runs += ROUNDS * len(counts) if proposer is not None else 0
+        self.runs_per_attempt = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
+        self.runs_per_attempt += ROUNDS * len(counts) if proposer is not None else 0
+        self.total_runs = self.runs_per_attempt
         self.path = path
+        self.reference = reference
+        self.attempts = attempts
         self.runs_done = 0
         self.profile: CostProfile | None = None
+        self.rejected: list[tuple[CostProfile, Plausibility]] = []  # implausible measurements, in order
         self._seconds = 0.0
-        self._steps = _measure(model, proposer, counts, grid, num_speculative_tokens, key)
+        self._measure = measure or (
+            lambda: _measure(model, proposer, counts, grid, num_speculative_tokens, key)
+        )
+        self._steps = self._measure()
 
     def advance(self) -> CostProfile | None:
         """Time one more run; returns the profile (saved to the cache) once the last run is done."""
@@ -266,14 +358,31 @@ class ProfileMeasurement:
             next(self._steps)
             self.runs_done += 1
         except StopIteration as done:
-            self.profile = done.value
-            self._save()
+            self._finish_attempt(done.value)
         self._seconds += time.perf_counter() - began
         return self.profile
+
+    def _finish_attempt(self, profile: CostProfile) -> None:
+        check = plausibility(profile, self.reference)
+        if check.ok:
+            self.profile = profile
+        else:
+            self.rejected.append((profile, check))
+            if len(self.rejected) < self.attempts:
+                log.warning("implausible cost profile, measuring again (%d/%d): %s",
+                            len(self.rejected) + 1, self.attempts, "; ".join(check.problems))  # fmt: skip
+                self.total_runs += self.runs_per_attempt
+                self._steps = self._measure()
+                return
+            self.profile, check = min(self.rejected, key=lambda found: found[1].score)
+            log.warning("cost profile implausible after %d measurements, keeping the most plausible: %s",
+                        self.attempts, "; ".join(check.problems))  # fmt: skip
+        self._save()
 
     def run(self, progress: bool = True) -> CostProfile:
         bar = tqdm(total=self.total_runs, desc="cost profile", unit="run", disable=not progress)
         while self.advance() is None:
+            bar.total = self.total_runs
             bar.update(1)
         bar.close()
         return self.profile
@@ -302,17 +411,40 @@ def cached_or_measurement(
     max_requests: int,
     num_speculative_tokens: int,
     directory: Path | None,
+    remeasure: bool = False,
 ) -> CostProfile | ProfileMeasurement:
     """The cached profile of this machine, model and drafter (in `directory`; None: never cached), or the
-    measurement that will produce and cache it."""
+    measurement that will produce and cache it: when none is cached, when the cached file is unreadable or
+    implausible, or with `remeasure` (the new measurement is then checked against the cached one)."""
     name = proposer.name if proposer is not None else "none"
     key = profile_key(model, max_requests, num_speculative_tokens, name)
     path = directory / f"{key}.json" if directory is not None else None
-    if path is not None and path.exists():
+    cached = _read_cached(path, key)
+    if cached is not None and not remeasure:
+        log.info("cost profile %s (cached): %s", path, _describe(cached))
+        return cached
+    return ProfileMeasurement(
+        model, proposer, max_requests, num_speculative_tokens, path, key, reference=cached
+    )
+
+
+def _read_cached(path: Path | None, key: str) -> CostProfile | None:
+    """A cached profile that validates, belongs to `key` and is plausible; else None (remeasure)."""
+    if path is None or not path.exists():
+        return None
+    try:
         profile = CostProfile.model_validate_json(path.read_text())
-        log.info("cost profile %s (cached): %s", path, _describe(profile))
-        return profile
-    return ProfileMeasurement(model, proposer, max_requests, num_speculative_tokens, path, key)
+    except (ValidationError, OSError, UnicodeDecodeError) as err:
+        log.warning("cost profile %s is unreadable, remeasuring: %s", path, err)
+        return None
+    if profile.key != key:
+        log.warning("cost profile %s belongs to another setup (%s), remeasuring", path, profile.key)
+        return None
+    check = plausibility(profile)
+    if not check.ok:
+        log.warning("cached cost profile %s is implausible, remeasuring: %s", path, "; ".join(check.problems))
+        return None
+    return profile
 
 
 def load_or_measure(
@@ -321,9 +453,10 @@ def load_or_measure(
     max_requests: int,
     num_speculative_tokens: int,
     directory: Path | None,
+    remeasure: bool = False,
 ) -> CostProfile:
-    """The cached profile, measured now (with a progress bar) when missing."""
-    found = cached_or_measurement(model, proposer, max_requests, num_speculative_tokens, directory)
+    """The cached profile, measured now (with a progress bar) when missing, implausible or `remeasure`d."""
+    found = cached_or_measurement(model, proposer, max_requests, num_speculative_tokens, directory, remeasure)
     if isinstance(found, CostProfile):
         return found
     log.info("measuring the cost profile of this machine (%d timed runs, cached for later starts)",

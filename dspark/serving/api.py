@@ -45,7 +45,8 @@ class GenerationInput(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            raise InvalidRequestError.from_validation(err) from err
+            # The one cross-field rule is about the input: name `prompt`, the field a client most often omits.
+            raise InvalidRequestError.from_validation(err, model_field="prompt") from err
 
     def chat(self) -> list[dict] | None:
         return None if self.messages is None else [m.model_dump() for m in self.messages]

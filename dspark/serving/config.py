@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dspark.engine import EngineConfig
+from dspark.serving.resume import ResumeConfig
+
+API_KEY_ENV = "DSPARK_API_KEY"
 
 
 class AutoscalingConfig(BaseModel):
@@ -38,5 +42,33 @@ class ServeConfig(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPUs per target rank")
     drafter_num_cpus: float = Field(1, gt=0, description="CPUs of a disaggregated drafter actor")
     drafter_num_gpus: float = Field(0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1, description="per replica; beyond it requests queue")
+    max_queued_requests: int = Field(
+        64, ge=0, description="requests a replica holds beyond its running batch (engine.max_batch_size); "
+        "more are refused at once with HTTP 429 / gRPC RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Ray Serve's cap per replica, raised to at least max_batch_size + "
+        "max_queued_requests + 8 so that excess requests reach the replica and are refused, not queued",
+    )  # fmt: skip
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get(API_KEY_ENV) or None,
+        min_length=1,
+        repr=False,
+        description=f"clients must send it (HTTP `Authorization: Bearer KEY` on /v1/*, gRPC metadata "
+        f"`authorization: Bearer KEY` or `x-api-key`); unset: ${API_KEY_ENV}, else none",
+    )  # fmt: skip
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+    drafter_timeout_s: float = Field(
+        1.0, gt=0, description="deadline of one call to a disaggregated drafter; past it, or when the "
+        "drafter fails, requests decode without drafts until it answers again",
+    )  # fmt: skip
+    graceful_shutdown_timeout_s: float = Field(
+        20, ge=0, description="a stopping replica (SIGTERM, downscale, redeploy) waits this long for its "
+        "in-flight requests",
+    )  # fmt: skip
+    ingress_num_cpus: float = Field(
+        0.25,
+        gt=0,
+        description="CPUs of the ingress (HTTP + gRPC front end; resumes streams of failed replicas)",
+    )
+    resume: ResumeConfig = ResumeConfig()

@@ -1,7 +1,11 @@
-"""The `dspark.v1.DSpark` gRPC service over an AsyncEngine (used by the Ray Serve deployment and tests).
+"""The `dspark.v1.DSpark` gRPC service over a generation backend (an AsyncEngine, or the Ray Serve ingress's
+resuming client of the engine replicas).
 
-Invalid requests end with INVALID_ARGUMENT and a message naming the field; nothing is streamed first.
-A cancelled call closes the response stream, which aborts the request and frees its KV slot.
+A refused request ends before anything is streamed, with the status `status_of` maps its typed error to:
+INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED with a retry hint when the server is at capacity,
+UNAUTHENTICATED without the API key (Generate and ListModels; Health stays open for probes), UNAVAILABLE
+when the engine loop has stopped. A cancelled call or an expired deadline closes the response stream, which
+aborts the request and frees its KV slot.
 """
 
 from __future__ import annotations
@@ -10,11 +14,25 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dspark.errors import InvalidRequestError
+from dspark.errors import AuthenticationError, InvalidRequestError, OverloadedError, UnavailableError
 from dspark.serving.api import GenerationInput
-from dspark.serving.async_engine import AsyncEngine
+from dspark.serving.auth import ApiKeyCheck, Headers
+from dspark.serving.backend import GenerationBackend
 from dspark.v1 import dspark_pb2 as pb
 from dspark.v1 import dspark_pb2_grpc as pb_grpc
+
+# The typed errors a request can be refused with, and their gRPC status.
+STATUS = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+REFUSALS = tuple(STATUS)
+
+
+def status_of(err: BaseException) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
 
 
 def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> GenerationInput:
@@ -44,6 +62,9 @@ def generation_input(request: pb.GenerateRequest, default_max_tokens: int) -> Ge
     )
 
 
+SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
 def response(out, request_id: str) -> pb.GenerateResponse:
     message = pb.GenerateResponse(request_id=request_id, text=out.text, token_ids=out.token_ids)
     if out.finished:
@@ -68,46 +89,72 @@ async def _responses(first, outputs) -> AsyncIterator[pb.GenerateResponse]:
 
 
 class DSparkService:
-    """Implements the service's three RPCs (grpc.aio servicer signatures)."""
+    """Implements the service's three RPCs (grpc.aio servicer signatures). `start`, `models` and `health`
+    are the same logic for callers that map errors themselves (the Ray Serve deployment, load tests)."""
 
-    def __init__(self, engine: AsyncEngine, model_id: str, default_max_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        engine: GenerationBackend,
+        model_id: str,
+        default_max_tokens: int = 256,
+        api_key: str | None = None,
+    ) -> None:
         self.engine = engine
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
+        self.api_key = ApiKeyCheck(api_key)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        """grpc.aio servicer method: an invalid request aborts with INVALID_ARGUMENT before streaming."""
+        """grpc.aio servicer method: a refused request aborts with its status before streaming."""
         try:
-            stream = await self.start(request)
-        except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            stream = await self.start(request, context.invocation_metadata() or ())
+        except REFUSALS as err:
+            await context.abort(status_of(err), str(err))
         async for message in stream:
             yield message
 
-    async def start(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Validate and submit a request; returns its response stream, first output already produced (so
-        every input error surfaces here as InvalidRequestError, naming the field)."""
+    async def start(
+        self, request: pb.GenerateRequest, metadata: Headers = ()
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Authorize, validate and submit a request; returns its response stream, first output already
+        produced, so every refusal surfaces here as one of the typed errors in STATUS."""
+        self.api_key.check(metadata)
         if request.model and request.model != self.model_id:
             raise InvalidRequestError("model", f"unknown model {request.model!r} (serving {self.model_id!r})")
         spec = generation_input(request, self.default_max_tokens)
         outputs = self.engine.generate(
             spec.prompt, spec.sampling, messages=spec.chat(), speculate=spec.speculation,
-            request_id=spec.request_id,
+            request_id=spec.request_id, strict_max_tokens=bool(request.sampling.max_tokens),
         )  # fmt: skip
-        first = await anext(outputs)
+        try:
+            first = await anext(outputs)
+        except InvalidRequestError as err:
+            if err.field in SAMPLING_FIELDS:  # the engine names a sampling field without the wire prefix
+                raise InvalidRequestError(f"sampling.{err.field}", err.message) from err
+            raise
         return _responses(first, outputs)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        config = self.engine.engine.config
+        try:
+            self.api_key.check(context.invocation_metadata() or ())
+        except AuthenticationError as err:
+            await context.abort(status_of(err), str(err))
+        return self.models()
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        return self.health()  # open: liveness probes carry no key
+
+    def models(self) -> pb.ListModelsResponse:
+        engine = self.engine.info()
         info = pb.ModelInfo(
-            id=self.model_id, proposer=config.proposer if config.speculative else "none",
-            verification_policy=config.verification.policy, max_model_len=config.max_model_len,
+            id=self.model_id, proposer=engine.proposer, verification_policy=engine.verification_policy,
+            max_model_len=engine.max_model_len,
         )  # fmt: skip
         return pb.ListModelsResponse(models=[info])
 
-    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+    def health(self) -> pb.HealthResponse:
         load = self.engine.load()
-        status = pb.HealthResponse.NOT_SERVING if self.engine.failed else pb.HealthResponse.SERVING
+        status = pb.HealthResponse.SERVING if self.engine.alive else pb.HealthResponse.NOT_SERVING
         return pb.HealthResponse(status=status, running=load["running"], waiting=load["waiting"])
 
 

@@ -27,6 +27,9 @@ METRICS: dict[str, tuple[str, str, list[float] | None]] = {
     "dspark_no_speculation_fallbacks": (
         "counter", "steps where requests could speculate but the policy verified no draft", None
     ),
+    "dspark_drafter_fallbacks": (
+        "counter", "requests decoded without drafts: the draft worker failed or missed its deadline", None
+    ),
     "dspark_request_tau": ("histogram", "tokens per verification step of finished requests", TAU_BUCKETS),
     "dspark_verification_budget": ("gauge", "mean draft tokens verified per speculating request", None),
     "dspark_budget_squeeze": ("gauge", "share of offered speculation the scheduler cut (recent steps)", None),
@@ -110,8 +113,10 @@ class ServingMonitor:
             if accepted:
                 self.sink.record("dspark_accepted_tokens", accepted, tags)
         step = engine.last_step
+        if step.drafter_fallbacks:
+            self.sink.record("dspark_drafter_fallbacks", step.drafter_fallbacks)
         if step.could_draft:
-            if step.verified == 0:
+            if step.verified == 0 and not step.drafter_fallbacks:
                 self.sink.record("dspark_no_speculation_fallbacks", 1)
             self._steps.append((step.could_draft, step.verified, step.squeeze))
         speculating = sum(c for c, _, _ in self._steps)

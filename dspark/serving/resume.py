@@ -5,7 +5,7 @@ the stream fails (its replica or a tensor-parallel rank died, its engine loop st
 again on whichever replica can take it, resumed: the prompt and the received tokens are re-prefilled and
 count as output (`ResumeState`), so the client's stream continues with no gap and no repeat. Client
 errors pass through at once. If no replica takes the request within `retry_timeout_s` of the last
-progress, the client gets `Unavailable` (HTTP 503, gRPC UNAVAILABLE) instead of a silent hang.
+progress, the client gets `UnavailableError` (HTTP 503, gRPC UNAVAILABLE) instead of a silent hang.
 
 No Ray in here: the caller supplies how to start a stream and which errors are faults.
 """
@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dspark.engine import RequestOutput, ResumeState
+from dspark.errors import UnavailableError
+from dspark.sampling import SamplingParams
+from dspark.serving.backend import BackendInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,6 @@ class ResumeConfig(BaseModel):
     max_backoff_s: float = Field(4.0, gt=0, description="longest wait between retries")
 
 
-class Unavailable(RuntimeError):
-    """No replica could serve the request within the retry timeout."""
-
-
 class StreamEnded(RuntimeError):
     """A stream stopped before its final output (its replica shut down): resumed like a fault."""
 
@@ -48,7 +47,7 @@ async def resumable(
     start: StartStream,
     is_fault: Callable[[BaseException], bool],
     config: ResumeConfig | None = None,
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """The outputs of one request, across as many (resumed) streams as faults require."""
     config = config or ResumeConfig()
     tokens: list[int] = []
@@ -77,7 +76,7 @@ async def resumable(
                 raise
             waited = time.monotonic() - last_progress
             if waited >= config.retry_timeout_s:
-                raise Unavailable(
+                raise UnavailableError(
                     f"no replica could continue the request for {waited:.0f} s (last error: {err})"
                 ) from err
             delay = min(config.first_backoff_s * 2**retries, config.max_backoff_s)
@@ -95,3 +94,73 @@ async def _close(stream: AsyncGenerator[RequestOutput, None]) -> None:
         await stream.aclose()
     except Exception:  # closing a stream whose replica died can fail again: nothing is left to free
         log.debug("closing a failed stream", exc_info=True)
+
+
+class GenerateCall(BaseModel):
+    """One request as a front end hands it to an engine replica (pickled across processes)."""
+
+    prompt: str | list[int] | None = None
+    params: SamplingParams | None = None
+    messages: list[dict] | None = None
+    speculate: bool = True
+    request_id: str | None = None
+    strict_max_tokens: bool = False
+    resume: ResumeState | None = None
+
+
+class EngineHealth(BaseModel):
+    alive: bool
+    running: int = 0
+    waiting: int = 0
+
+
+class ResumingBackend:
+    """A generation backend over remote engine replicas: `start` opens a request's stream on some replica,
+    and every request resumes after a fault (see `resumable`). Health is what the last poll saw."""
+
+    def __init__(
+        self,
+        start: Callable[[GenerateCall], AsyncGenerator[RequestOutput, None]],
+        is_fault: Callable[[BaseException], bool],
+        info: BackendInfo,
+        config: ResumeConfig | None = None,
+    ) -> None:
+        self._start = start
+        self._is_fault = is_fault
+        self._info = info
+        self.config = config or ResumeConfig()
+        self.health = EngineHealth(alive=True)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        speculate: bool = True,
+        request_id: str | None = None,
+        strict_max_tokens: bool = False,
+        resume: ResumeState | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        call = GenerateCall(
+            prompt=prompt if prompt is None or isinstance(prompt, str) else list(prompt), params=params,
+            messages=messages, speculate=speculate, request_id=request_id,
+            strict_max_tokens=strict_max_tokens, resume=resume,
+        )  # fmt: skip
+
+        def start(after_fault: ResumeState | None) -> AsyncGenerator[RequestOutput, None]:
+            return self._start(
+                call if after_fault is None else call.model_copy(update={"resume": after_fault})
+            )
+
+        return resumable(start, self._is_fault, self.config)
+
+    @property
+    def alive(self) -> bool:
+        return self.health.alive
+
+    def load(self) -> dict[str, int]:
+        return {"running": self.health.running, "waiting": self.health.waiting}
+
+    def info(self) -> BackendInfo:
+        return self._info

@@ -1,8 +1,9 @@
 """`dspark train`: generate the target's data, build the draft vocabulary, train, calibrate, export.
 
-Every stage resumes: data shards are skipped when present, training restores `train_state.pt` (model,
-optimizer, step, RNG), calibration and export rerun from the trained weights. The target stays frozen;
-only the backbone, the Markov head and the confidence head learn. Uses a GPU when one is present.
+Every stage resumes: data shards are skipped when present, training restores its state (model, optimizer,
+step, RNG: `train_state.json`, validated, naming a safetensors file of the tensors; nothing is unpickled),
+calibration and export rerun from the trained weights. The target stays frozen; only the backbone, the
+Markov head and the confidence head learn. Uses a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dspark.drafters.dspark.calibration import Calibration, fit_sts, prefix_ece
@@ -125,15 +128,15 @@ def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     total_steps = math.ceil(cfg.epochs * len(train_set) / cfg.sequences_per_step)
-    state_path, step = out / "train_state.pt", 0
+    state_path, step = out / "train_state.json", 0
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        drafter.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, rng, generator = state["step"], state["rng"], state["generator"]
+        step = load_train_state(state_path, drafter, optimizer, rng, generator)
         log.info("resumed at step %d", step)
+    elif (out / "train_state.pt").exists():
+        log.warning("%s is a pickled state of an older version: not loaded, training starts over",
+                    out / "train_state.pt")  # fmt: skip
     history_path = out / "train_history.json"
     history: list[dict] = json.loads(history_path.read_text())[:step] if history_path.exists() else []
     began, last_save = time.monotonic(), time.monotonic()
@@ -165,21 +168,91 @@ def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out
         progress.set_postfix({k: f"{v:.3f}" for k, v in parts_sum.items()})
         history.append({"step": step, **parts_sum})
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
-            _save_state(state_path, drafter, optimizer, step, rng, generator)
+            save_train_state(state_path, drafter, optimizer, step, rng, generator)
             write_json(history_path, history)
             last_save = time.monotonic()
-    _save_state(state_path, drafter, optimizer, step, rng, generator)
+    save_train_state(state_path, drafter, optimizer, step, rng, generator)
     write_json(history_path, history)
 
 
-def _save_state(path: Path, drafter, optimizer, step: int, rng, generator) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"model": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
-         "generator": generator},
-        tmp,
+class TrainState(BaseModel):
+    """What resuming needs besides tensors (`train_state.json`, written last: it commits a save). The tensors
+    are in the safetensors file it names: `model.<name>` (the drafter's state dict), `optimizer.<param>.<key>`
+    (the optimizer's per-parameter state) and `torch_generator` (the anchor sampler's generator state)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    step: int = Field(ge=0)
+    tensors_file: str = Field(pattern=r"^train_state-[0-9]+\.safetensors$")
+    python_rng: tuple[int, list[int], float | None]  # random.Random.getstate(): version, state, gauss
+    optimizer_param_groups: list[dict[str, JsonValue]]
+    optimizer_scalars: dict[str, dict[str, JsonValue]] = {}  # per-parameter state that is not a tensor
+
+
+def _lists(value):
+    """A copy with tuples as lists (JSON's arrays)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def save_train_state(
+    path: Path, model: torch.nn.Module, optimizer, step: int, rng: random.Random, generator: torch.Generator
+) -> None:
+    """Write the resume state (`path` is the JSON file): the step's tensor file first, then the JSON that
+    names it, atomically; a crash at any point leaves the previous consistent pair."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors["torch_generator"] = generator.get_state()
+    optim = optimizer.state_dict()
+    scalars: dict[str, dict[str, JsonValue]] = {}
+    for index, values in optim["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = _lists(value)
+    version, internal, gauss = rng.getstate()
+    state = TrainState(
+        step=step, tensors_file=f"train_state-{step:07d}.safetensors",
+        python_rng=(version, list(internal), gauss), optimizer_param_groups=_lists(optim["param_groups"]),
+        optimizer_scalars=scalars,
     )  # fmt: skip
+    directory = path.parent
+    save_file(tensors, str(directory / state.tensors_file))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(state.model_dump_json(indent=1) + "\n")
     tmp.replace(path)
+    for old in directory.glob("train_state-*.safetensors"):
+        if old.name != state.tensors_file:
+            old.unlink()
+
+
+def load_train_state(
+    path: Path, model: torch.nn.Module, optimizer, rng: random.Random, generator: torch.Generator
+) -> int:
+    """Restore what `save_train_state` wrote into the given objects; returns the step."""
+    state = TrainState.model_validate_json(path.read_text())
+    tensors = load_file(path.parent / state.tensors_file)
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    per_param: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            per_param.setdefault(int(index), {})[key] = value
+    for index, values in state.optimizer_scalars.items():
+        per_param.setdefault(int(index), {}).update(values)
+    groups = [  # JSON has no tuples (AdamW's betas): restore them where the optimizer has them
+        {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()}
+        for saved, current in zip(state.optimizer_param_groups, optimizer.param_groups, strict=True)
+    ]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    version, internal, gauss = state.python_rng
+    rng.setstate((version, tuple(internal), gauss))
+    generator.set_state(tensors["torch_generator"])
+    return state.step
 
 
 @torch.no_grad()
