@@ -33,7 +33,7 @@ from dspark.errors import UnavailableError
 from dspark.serving.async_engine import AsyncEngine
 from dspark.serving.backend import BackendInfo
 from dspark.serving.config import ServeConfig
-from dspark.serving.grpc_service import REFUSALS, DSparkService, status_of
+from dspark.serving.grpc_service import REFUSALS, DSparkService, start_tls_server, status_of
 from dspark.serving.monitor import ServingMonitor
 from dspark.serving.openai_api import create_app
 from dspark.serving.resume import EngineHealth, GenerateCall, ResumingBackend
@@ -109,6 +109,10 @@ class DSparkServer:
         self.grpc = DSparkService(self.backend, cfg.model_id, cfg.default_max_tokens, cfg.api_key)
         self.http = create_app(self.backend, cfg.model_id, cfg.default_max_tokens, cfg.api_key)
         self._poller = asyncio.get_running_loop().create_task(self._poll_health())
+        self._tls = None
+        if cfg.grpc_tls is not None:  # same service, same checks; only the transport differs
+            tls = cfg.grpc_tls
+            self._tls = await start_tls_server(self.grpc, tls.certfile, tls.keyfile, tls.port)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """OpenAI-compatible HTTP: the in-process app, API-key check and error mapping included."""

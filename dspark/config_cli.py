@@ -139,5 +139,7 @@ def _show(value: Any) -> str:
 
 def _set_path(values: dict, path: list[str], value: Any) -> None:
     for key in path[:-1]:
-        values = values.setdefault(key, {})
+        if values.get(key) is None:  # an optional section that is off by default (grpc_tls) comes on
+            values[key] = {}
+        values = values[key]
     values[path[-1]] = value

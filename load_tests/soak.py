@@ -44,13 +44,10 @@ from dspark.v1 import dspark_pb2_grpc as pb_grpc
 
 log = logging.getLogger("soak")
 APP = (("application", "dspark"),)
-LONG_LIVED = {
-    "ingress": "ServeReplica:dspark:DSpark.",
-    "proxy": "ProxyActor",
-    "controller": "ServeController",
-}
+# Process titles are `ray::<actor class>[.<method>]`; the ingress's class is a prefix of the engine's.
 ENGINE_REPLICA = "ServeReplica:dspark:DSparkEngine"
 DRAFT_WORKER = "DraftWorker"
+LONG_LIVED = {"ingress": "ServeReplica:dspark:DSpark", "proxy": "ProxyActor", "controller": "ServeController"}
 
 
 class SoakConfig(BaseModel):

@@ -81,6 +81,38 @@ def test_killed_draft_worker_degrades_to_plain_decoding_and_recovers(local_ray, 
         workers.shutdown()
 
 
+@ray.remote
+class HangingDraftWorker:
+    """A draft worker that answers `describe` and then never answers a draft call."""
+
+    def describe(self):
+        from dspark.proposers.remote import ProposerInfo
+
+        return ProposerInfo("ngram", 4, ())
+
+    def handle(self, call):
+        time.sleep(3600)
+
+
+def test_hanging_draft_worker_costs_speculation_not_requests(local_ray, default_model, tokenizer):
+    """Every draft call misses its deadline: requests finish in bounded time, plainly, and token-identical."""
+    from deployments.workers import ActorTransport
+    from dspark.proposers.remote import RemoteProposer
+
+    plain = build_engine(EngineConfig(proposer="none", max_batch_size=4), model=default_model,
+                         tokenizer=tokenizer)  # fmt: skip
+    expected = [c.token_ids for c in plain.generate(PROMPTS, PARAMS)]
+    worker = HangingDraftWorker.options(num_cpus=0.1).remote()
+    remote = RemoteProposer(ActorTransport(worker), ray.get(worker.describe.remote()), deadline_s=0.2)
+    config = EngineConfig(proposer="ngram", max_batch_size=4, verification={"policy": "fixed"})
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=remote)
+    began = time.monotonic()
+    assert _generate(engine, PROMPTS, limit_s=30) == expected
+    assert time.monotonic() - began < 30
+    assert remote.failures >= 1 and remote.fallbacks >= len(PROMPTS) and engine.stats.accepted == 0
+    ray.kill(worker)
+
+
 # ---- stopping: SIGTERM drains in-flight requests ----------------------------------------------------------
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
+import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,10 +25,12 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from dspark.assembly import build_engine
-from dspark.engine import EngineConfig
+from dspark.engine import EngineConfig, RequestOutput
+from dspark.errors import UnavailableError
 from dspark.sampling import SamplingParams
 from dspark.scheduling import VerificationConfig
 from dspark.serving.async_engine import AsyncEngine
+from dspark.serving.backend import BackendInfo
 from dspark.serving.grpc_service import DSparkService, add_service
 from dspark.serving.openai_api import create_app
 from dspark.v1 import dspark_pb2 as pb
@@ -507,3 +513,88 @@ def test_serve_config_api_key_comes_from_the_flag_or_the_environment(monkeypatch
     args = build_parser().parse_args(["serve", "--api-key", "from-flag"])
     assert config_from_args(ServeConfig, args).api_key == "from-flag"
     assert ServeConfig.model_validate(ServeConfig().model_dump()).api_key == "from-env"  # what replicas get
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+def test_grpc_over_tls(engine, reference, tmp_path):
+    """The TLS listener serves the same stream to a client that trusts the certificate; a plaintext client
+    gets nothing."""
+    from dspark.serving.grpc_service import start_tls_server
+
+    cert, key = _self_signed(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def body():
+        server = await start_tls_server(DSparkService(engine, MODEL_ID), cert, key, port)
+        try:
+            credentials = grpc.ssl_channel_credentials(Path(cert).read_bytes())
+            async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+                text = "".join([m.text async for m in pb_grpc.DSparkStub(channel).Generate(_chat_request())])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await pb_grpc.DSparkStub(channel).Health(pb.HealthRequest(), timeout=5)
+                    plaintext = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as err:
+                    plaintext = err.code()
+            return text, plaintext
+        finally:
+            await server.stop(None)
+
+    text, plaintext = _run(body())
+    assert text == reference
+    assert plaintext == grpc.StatusCode.UNAVAILABLE
+
+
+class _DiesAfterOneOutput:
+    """A backend whose request fails for good after its first output (no replica could take it over)."""
+
+    alive = True
+
+    def generate(self, prompt=None, params=None, **_):
+        async def stream():
+            yield RequestOutput(request_id="r", token_ids=[1], text="Hi")
+            raise UnavailableError("no replica could continue the request")
+
+        return stream()
+
+    def load(self) -> dict[str, int]:
+        return {"running": 0, "waiting": 0}
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(proposer="ngram", verification_policy="scheduler", max_model_len=64)
+
+
+def test_a_request_nothing_can_finish_ends_with_unavailable_on_every_api():
+    backend = _DiesAfterOneOutput()
+    client = TestClient(create_app(backend, MODEL_ID))
+    body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 4}
+    whole = client.post("/v1/completions", json=body)
+    assert whole.status_code == 503 and "no replica" in whole.json()["error"]["message"]
+    events = client.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+    assert '"text": "Hi"' in events[0]
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == 503
+    assert events[2] == "data: [DONE]"
+
+    async def body_grpc(stub):
+        received = []
+        try:
+            async for message in stub.Generate(pb.GenerateRequest(prompt="x")):
+                received.append(message.text)
+        except grpc.aio.AioRpcError as err:
+            return received, err.code()
+        return received, grpc.StatusCode.OK
+
+    assert _run(_with_channel(backend, body_grpc)) == (["Hi"], grpc.StatusCode.UNAVAILABLE)

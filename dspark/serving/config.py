@@ -28,6 +28,16 @@ class AutoscalingConfig(BaseModel):
     )
 
 
+class GrpcTlsConfig(BaseModel):
+    """gRPC over TLS, served by the ingress itself: Ray Serve's own gRPC proxy listens in plaintext only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    certfile: str = Field(description="PEM certificate (chain) of the server")
+    keyfile: str = Field(description="PEM private key of the certificate")
+    port: int = Field(9443, ge=1, le=65535, description="port of the TLS listener (dspark.v1.DSpark)")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,3 +82,6 @@ class ServeConfig(BaseModel):
         description="CPUs of the ingress (HTTP + gRPC front end; resumes streams of failed replicas)",
     )
     resume: ResumeConfig = ResumeConfig()
+    grpc_tls: GrpcTlsConfig | None = Field(
+        None, description="also serve dspark.v1 over TLS on its own port (the Serve gRPC proxy is plaintext)"
+    )

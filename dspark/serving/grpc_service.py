@@ -11,6 +11,7 @@ aborts the request and frees its KV slot.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -110,8 +111,11 @@ class DSparkService:
             stream = await self.start(request, context.invocation_metadata() or ())
         except REFUSALS as err:
             await context.abort(status_of(err), str(err))
-        async for message in stream:
-            yield message
+        try:
+            async for message in stream:
+                yield message
+        except REFUSALS as err:  # mid-stream: nothing could continue the request (UNAVAILABLE)
+            await context.abort(status_of(err), str(err))
 
     async def start(
         self, request: pb.GenerateRequest, metadata: Headers = ()
@@ -166,3 +170,14 @@ def add_service(server: grpc.aio.Server, service: DSparkService, reflection: boo
 
         names = (pb.DESCRIPTOR.services_by_name["DSpark"].full_name, grpc_reflection.SERVICE_NAME)
         grpc_reflection.enable_server_reflection(names, server)
+
+
+async def start_tls_server(service: DSparkService, certfile: str, keyfile: str, port: int) -> grpc.aio.Server:
+    """A grpc.aio server for `service` over TLS on `port` (all interfaces), started. gRPC sets SO_REUSEPORT,
+    so several ingress replicas on one node share the port."""
+    server = grpc.aio.server()
+    add_service(server, service)
+    credentials = grpc.ssl_server_credentials([(Path(keyfile).read_bytes(), Path(certfile).read_bytes())])
+    server.add_secure_port(f"[::]:{port}", credentials)
+    await server.start()
+    return server

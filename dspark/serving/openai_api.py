@@ -121,6 +121,10 @@ async def http_error(_: Request, err: HTTPException) -> JSONResponse:
     return _error(err.status_code, message, headers=err.headers)
 
 
+async def unavailable(_: Request, err: UnavailableError) -> JSONResponse:
+    return _error(503, str(err), kind="server_error")
+
+
 class RequireApiKey:
     """ASGI middleware: /v1/* answers 401 (OpenAI's error format) unless the request carries the API key.
     It runs before the body is read, so an unauthenticated client learns nothing about its request."""
@@ -254,6 +258,7 @@ def create_app(
     app = FastAPI(title="DSpark", version="1")
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(UnavailableError, unavailable)  # a non-streamed request nothing could finish
     app.add_middleware(RequireApiKey, api_key=api_key)
     app.get("/health")(handlers.health)
     app.get("/v1/models")(handlers.models)
@@ -300,13 +305,16 @@ async def _until_disconnect(request: Request) -> None:
 
 async def _events(first, stream, chunk, opening: dict | None = None) -> AsyncIterator[str]:
     """SSE: every verified delta as it comes, then [DONE]. A client that disconnects closes this generator,
-    which closes the engine stream and aborts the request."""
+    which closes the engine stream and aborts the request. If nothing can continue the request after it
+    started (no replica took it over in time), an error event in OpenAI's shape ends the stream."""
     try:
         if opening is not None:
             yield _sse(opening)
         yield _sse(chunk(first))
         async for out in stream:
             yield _sse(chunk(out))
-        yield "data: [DONE]\n\n"
+    except UnavailableError as err:
+        yield _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": 503}})
     finally:
         await stream.aclose()
+    yield "data: [DONE]\n\n"
