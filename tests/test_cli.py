@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from dspark.assembly import build_engine
 from dspark.bench import BenchConfig
 from dspark.cli import GenerateConfig, ProfileConfig, build_parser, main
-from dspark.config_cli import config_from_args
+from dspark.config_cli import _unwrap, config_from_args
 from dspark.engine import EngineConfig
 from dspark.evaluate import EvalConfig
 from dspark.load_bench import LoadBenchConfig
@@ -34,7 +34,7 @@ COMMANDS = {
 def leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
+        annotation = _unwrap(field.annotation)  # an optional section (grpc_tls) has its fields' flags
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             paths += leaf_paths(annotation, (*prefix, name))
         else:
