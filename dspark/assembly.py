@@ -21,7 +21,12 @@ from dspark.models.loader import load_tokenizer, load_transformer
 from dspark.proposers import NgramProposer, Proposer, TargetObserver
 from dspark.runtime import set_threads
 from dspark.scheduling import VerificationPolicy, build_policy
-from dspark.scheduling.cost_profile import ProfileMeasurement, cached_or_measurement, profile_dir
+from dspark.scheduling.cost_profile import (
+    ProfileMeasurement,
+    cached_or_measurement,
+    load_or_measure,
+    profile_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +64,10 @@ def build_verification_policy(
         return build_policy(config.verification, None), None
     assert config.num_speculative_tokens is not None  # resolved by with_draft_length
     directory = profile_dir() if config.verification.profile_cache else None
-    found = cached_or_measurement(
-        model, proposer, config.max_batch_size, config.num_speculative_tokens, directory
-    )
-    if isinstance(found, ProfileMeasurement) and not defer_profile:
-        log.info("measuring the cost profile of this machine (%d timed runs, cached for later starts)",
-                 found.total_runs)  # fmt: skip
-        found = found.run()
+    args = (model, proposer, config.max_batch_size, config.num_speculative_tokens, directory)
+    if not defer_profile:
+        return build_policy(config.verification, load_or_measure(*args)), None
+    found = cached_or_measurement(*args)
     if isinstance(found, ProfileMeasurement):
         log.info("no cost profile of this machine yet: verifying whole drafts until it is measured "
                  "(%d timed runs, in idle time)", found.total_runs)  # fmt: skip
