@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +47,23 @@ class ProfileConfig(BaseModel):
         False, description="measure again and replace the cached profile (a result far off it is remeasured)"
     )
     output: str | None = Field(None, description="also write the profile to this JSON file")
+
+
+class ExportConfig(BaseModel):
+    """`dspark export DRAFTER OUT`: a drafter folder rewritten for vLLM (or as this project's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drafter: str = Field(description="drafter folder ('default': the shipped one)")
+    output: str = Field(description="folder to write")
+    format: Literal["vllm", "dspark"] = Field(
+        "vllm", description="vllm: what `vllm serve --speculative-config` loads; dspark: this project's own"
+    )
+    model: str = Field("default", description="the target the drafter was trained for (its LM head rows)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fold_calibration: Literal["greedy", "sampled", "none"] = Field(
+        "greedy", description="vllm: which shared confidence scaling to fold into confidence_head.proj"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -136,6 +154,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from dspark.drafters.dspark.checkpoint import export_drafter, resolve_drafter_dir
+    from dspark.models.loader import load_transformer
+
+    config = config_from_args(ExportConfig, args, drafter=args.drafter, output=args.output)
+    out = export_drafter(
+        resolve_drafter_dir(config.drafter), config.output, load_transformer(config.model, pack=False),
+        config.format, getattr(torch, config.dtype), config.fold_calibration,
+    )  # fmt: skip
+    print(out)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from dspark.evaluate import run_eval
 
@@ -173,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
     command("train", "train a DSpark drafter (data generation, training, calibration)", _train, TrainConfig)
+    export = command("export", "write a drafter folder for vLLM (or as this project's own format)", _export,
+                     ExportConfig, skip={"drafter", "output"})  # fmt: skip
+    export.add_argument("drafter", help="drafter folder ('default': the shipped one)")
+    export.add_argument("output", help="folder to write")
     command("eval", "accepted length tau per dataset/domain; writes JSON and a PNG", _eval, EvalConfig,
             flatten={"engine"})  # fmt: skip
     return parser

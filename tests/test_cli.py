@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from dspark.assembly import build_engine
 from dspark.bench import BenchConfig
-from dspark.cli import GenerateConfig, ProfileConfig, build_parser, main
+from dspark.cli import ExportConfig, GenerateConfig, ProfileConfig, build_parser, main
 from dspark.config_cli import _unwrap, config_from_args
 from dspark.engine import EngineConfig
 from dspark.evaluate import EvalConfig
@@ -28,7 +28,9 @@ COMMANDS = {
     "serve": ServeConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
 }
+POSITIONAL = {("prompt",), ("drafter",), ("output",)}  # generate's prompt, export's folders
 
 
 def leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -54,7 +56,7 @@ def test_every_config_field_has_its_flag(command):
     missing = [
         ".".join(path)
         for path in leaf_paths(model)
-        if f"config:{'.'.join(path)}" not in dests and path != ("prompt",)  # generate's positional argument
+        if f"config:{'.'.join(path)}" not in dests and path not in POSITIONAL
     ]
     assert not missing, f"fields without a flag: {missing}"
 
@@ -125,3 +127,32 @@ def test_a_first_start_answers_then_profiles(default_model, tokenizer, tmp_path,
     assert list((tmp_path / "profiles").glob("*.json"))  # cached for the next start
     again = build_engine(config, model=default_model, tokenizer=tokenizer, defer_profile=True)
     assert not again.profile_pending and again.policy.profile == engine.policy.profile
+
+
+def test_export_writes_a_vllm_folder_and_refuses_a_foreign_drafter(tmp_path, default_model, capsys):
+    """`dspark export` of a drafter for the default target writes the standard folder with the reduced head;
+    a drafter whose target layers the default model does not have is refused naming the field."""
+    import json
+
+    import torch
+
+    from dspark.drafters.dspark.checkpoint import load_drafter, save_drafter
+    from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
+
+    cfg = DrafterConfig.for_target(
+        default_model.cfg, target_layer_ids=[3, 29], num_hidden_layers=1, block_size=3, markov_rank=4,
+        draft_vocab_size=64, mask_token_id=16,
+    )  # fmt: skip
+    drafter = DSparkDrafter(cfg)
+    drafter.set_draft_vocab(torch.arange(64) * 5)
+    drafter.attach_target(default_model.embed, default_model.lm_head.weight)
+    save_drafter(drafter, tmp_path / "own")
+    assert main(["export", str(tmp_path / "own"), str(tmp_path / "vllm"), "--format", "vllm"]) == 0
+    exported = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert exported["architectures"] == ["Qwen3DSparkModel"] and exported["draft_vocab_size"] == 64
+    torch.testing.assert_close(load_drafter(tmp_path / "vllm").lm_head.weight, drafter.lm_head.weight)
+
+    foreign = json.loads((tmp_path / "own" / "config.json").read_text()) | {"target_layer_ids": [3, 40]}
+    (tmp_path / "own" / "config.json").write_text(json.dumps(foreign))
+    assert main(["export", str(tmp_path / "own"), str(tmp_path / "again")]) == 2
+    assert "target_layer_ids" in capsys.readouterr().err

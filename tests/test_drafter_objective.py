@@ -104,19 +104,27 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path):
     cfg = TrainConfig(
         output=str(tmp_path / "drafter"), data_dir=str(tmp_path / "data"), num_prompts=6,
         max_response_tokens=12, holdout_sequences=2, epochs=1, sequences_per_step=2, anchors_per_sequence=4,
-        draft_vocab_size=256, num_layers=1, markov_rank=8, warmup_steps=1,
+        draft_vocab_size=256, num_hidden_layers=1, markov_rank=8, warmup_steps=1,
     )  # fmt: skip
     out = train(cfg)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shard-0000.safetensors"]
     history = (out / "train_history.json").read_text()
     assert '"step": 2' in history  # 4 training sequences / 2 per step
     drafter = load_drafter(out)
-    assert drafter.cfg.draft_vocab_size == 256 and drafter.cfg.num_layers == 1
+    assert drafter.cfg.draft_vocab_size == 256 and drafter.cfg.num_hidden_layers == 1
+    assert calibration_has_shared(out)
     calibration = load_calibration(out)
     assert calibration is not None and len(calibration.greedy) == cfg.block_size
     assert (out / "train_state.json").exists() and not (out / "train_state.pt").exists()  # no pickle
     train(cfg)  # everything done: resumes at the last step, trains nothing more, re-exports
     assert (out / "train_history.json").read_text() == history
+
+
+def calibration_has_shared(out) -> bool:
+    from dspark.drafters.dspark.checkpoint import load_calibration
+
+    calibration = load_calibration(out)
+    return calibration is not None and calibration.greedy_shared is not None
 
 
 def _toy_training(model, optimizer, rng, generator, steps: int) -> None:

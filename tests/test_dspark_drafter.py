@@ -30,16 +30,18 @@ GAMMA = 4
 def random_drafter(default_model) -> DSparkDrafter:
     torch.manual_seed(0)
     cfg = DrafterConfig.for_target(
-        default_model.cfg, target_layers=LAYERS, num_layers=1, block_size=GAMMA, markov_rank=8,
-        draft_vocab_size=512,
+        default_model.cfg, target_layer_ids=LAYERS, num_hidden_layers=1, block_size=GAMMA, markov_rank=8,
+        draft_vocab_size=512, mask_token_id=16,
     )  # fmt: skip
     drafter = DSparkDrafter(cfg)
-    drafter.set_draft_vocab(torch.arange(512))
+    drafter.set_draft_vocab(torch.arange(512) * 3)  # a non-trivial d2t
     drafter.attach_target(default_model.embed, default_model.lm_head.weight)
-    drafter.init_final_norm()
-    with torch.no_grad():  # a non-zero Markov head and mask embedding, as after training
-        drafter.markov_out.weight.normal_(0, 0.5)
-        drafter.mask_embedding.normal_(0, 0.05)
+    drafter.init_norm_for_training()
+    with torch.no_grad():  # a non-zero Markov head and q/k norms, as after training
+        drafter.markov_head.markov_w2.weight.normal_(0, 0.5)
+        for layer in drafter.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     return drafter.eval()
 
 
@@ -69,7 +71,7 @@ def test_observers_see_every_committed_position_once(default_model, recorded: Se
 
 
 def test_block_mask_hides_the_future_and_other_blocks():
-    mask = block_mask(torch.tensor([2, 5]), num_context=6, gamma=3)
+    mask = block_mask(torch.tensor([2, 5]), num_context=6, rows=3)
     assert mask.shape == (6, 6 + 6)
     assert mask[:3, :6].tolist() == [[True, True, False, False, False, False]] * 3
     assert mask[3:, :6].tolist() == [[True] * 5 + [False]] * 3
@@ -109,7 +111,7 @@ def test_markov_head_changes_position_k_only_through_token_k_minus_1(random_draf
         reference = score_blocks(random_drafter, recorded, batch)
         for j in range(GAMMA):
             changed = batch.prev_tokens.clone()
-            changed[0, j] = (changed[0, j] + 17) % 512
+            changed[0, j] = (changed[0, j] + 17) % 1536
             other = score_blocks(
                 random_drafter, recorded, type(batch)(**{**batch.__dict__, "prev_tokens": changed})
             )
@@ -144,16 +146,30 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
 
 
 def test_checkpoint_round_trips(random_drafter, default_model, tmp_path):
-    save_drafter(random_drafter, tmp_path)
-    loaded = load_drafter(tmp_path, default_model)
-    for (name, a), (_, b) in zip(
-        random_drafter.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    assert loaded.cfg == random_drafter.cfg
+    """Both flavours of the standard folder load back to the same tensors; the project's own omits the
+    reduced LM head (the target's rows, rebuilt from d2t), the vLLM one carries it."""
+    for fmt in ("dspark", "vllm"):
+        save_drafter(random_drafter, tmp_path / fmt, fmt=fmt)
+        loaded = load_drafter(tmp_path / fmt, default_model)
+        expected = random_drafter.state_dict()
+        assert loaded.state_dict().keys() == expected.keys()
+        for name, tensor in loaded.state_dict().items():
+            assert torch.equal(tensor, expected[name]), (fmt, name)
+        assert loaded.cfg == random_drafter.cfg
+    assert "lm_head.weight" not in safe_open_keys(tmp_path / "dspark")
+    assert "lm_head.weight" in safe_open_keys(tmp_path / "vllm")
     save_drafter(random_drafter, tmp_path / "half", dtype=torch.float16)  # the shipped format
     half = load_drafter(tmp_path / "half", default_model)
-    torch.testing.assert_close(half.markov_out.weight, random_drafter.markov_out.weight, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        half.markov_head.markov_w2.weight, random_drafter.markov_head.markov_w2.weight, atol=1e-3, rtol=1e-3
+    )
+
+
+def safe_open_keys(directory) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return set(f.keys())
 
 
 # ---- the shipped drafter, end to end -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def sample_anchors(seq: Sequence, count: int, generator: torch.Generator | None 
 
 
 def make_blocks(seq: Sequence, anchors: torch.Tensor, drafter: DSparkDrafter) -> BlockBatch:
-    gamma, n = drafter.cfg.block_size, len(seq.token_ids)
+    gamma, n = drafter.draft_length, len(seq.token_ids)
     label_pos = anchors[:, None] + torch.arange(1, gamma + 1)  # [blocks, gamma]
     valid = label_pos < n
     label_pos = label_pos.clamp_max(n - 1)
@@ -53,7 +53,7 @@ def make_blocks(seq: Sequence, anchors: torch.Tensor, drafter: DSparkDrafter) ->
     probs = target_distribution(
         t2d[seq.target_topk_ids[topk_rows]],
         seq.target_topk_probs[topk_rows].float(),
-        drafter.cfg.draft_vocab_size,
+        drafter.cfg.draft_vocab,
     )
     return BlockBatch(
         anchors=anchors,
@@ -64,9 +64,9 @@ def make_blocks(seq: Sequence, anchors: torch.Tensor, drafter: DSparkDrafter) ->
     )
 
 
-def block_mask(anchors: torch.Tensor, num_context: int, gamma: int) -> torch.Tensor:
-    """[blocks*gamma, context + blocks*gamma] boolean: context before the anchor, and the own block."""
-    block_of_row = torch.arange(len(anchors)).repeat_interleave(gamma)
+def block_mask(anchors: torch.Tensor, num_context: int, rows: int) -> torch.Tensor:
+    """[blocks*rows, context + blocks*rows] boolean: context before the anchor, and the own block."""
+    block_of_row = torch.arange(len(anchors)).repeat_interleave(rows)
     sees_context = torch.arange(num_context)[None, :] < anchors[block_of_row][:, None]
     sees_block = block_of_row[:, None] == block_of_row[None, :]
     return torch.cat((sees_context, sees_block), dim=1)
@@ -74,16 +74,15 @@ def block_mask(anchors: torch.Tensor, num_context: int, gamma: int) -> torch.Ten
 
 def score_blocks(drafter: DSparkDrafter, seq: Sequence, batch: BlockBatch) -> BlockScores:
     """Run the drafter over all blocks of one sequence (teacher-forced transition inputs)."""
-    device = drafter.context_norm.device
+    device = drafter.fc.weight.device
     num_context = len(seq.features)
     features = drafter.context_features(seq.features.to(device))
     context = drafter.context_keys_values(features, torch.arange(num_context, device=device))
-    gamma = drafter.cfg.block_size
-    mask = block_mask(batch.anchors, num_context, gamma).to(device)
+    rows = drafter.cfg.block_size
+    mask = block_mask(batch.anchors, num_context, rows).to(device)
     anchors = batch.anchors.to(device)
-    hidden = drafter.backbone(
-        seq.token_ids.to(device)[anchors], anchors, [context], [len(anchors) * gamma], [mask]
-    )
+    ids = seq.token_ids.to(device)[anchors]
+    hidden = drafter.backbone(ids, anchors, [context], [len(anchors) * rows], [mask])
     prev = drafter.markov_embedding(batch.prev_tokens.to(device))
     base = drafter.base_logits(hidden)
     return BlockScores(

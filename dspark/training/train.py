@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dspark.drafters.dspark.calibration import Calibration, fit_sts, prefix_ece
+from dspark.drafters.dspark.calibration import Calibration, fit_shared, fit_sts, prefix_ece
 from dspark.drafters.dspark.checkpoint import save_drafter
 from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
-from dspark.models.loader import load_transformer
+from dspark.models.llama import Transformer
+from dspark.models.loader import load_tokenizer, load_transformer
 from dspark.prompts import write_json
 from dspark.runtime import cache_root, set_threads
 from dspark.training.blocks import make_blocks, sample_anchors, score_blocks
@@ -41,13 +42,17 @@ class TrainConfig(BaseModel):
     model: str = "default"
     output: str = "drafters/smollm2-135m-dspark"
     data_dir: str = Field("", description="'' = <cache>/drafter_data/<layers>")
-    target_layers: list[int] = [2, 11, 20, 29]
-    num_layers: int = Field(2, ge=1)
+    target_layer_ids: list[int] = Field([2, 11, 20, 29], description="target layers whose outputs condition")
+    num_hidden_layers: int = Field(2, ge=1, description="draft layers")
     block_size: int = Field(7, ge=1)
     markov_rank: int = Field(64, ge=1)
-    markov_head: bool = True
-    normalize_target_layers: bool = True
-    draft_vocab_size: int = Field(8192, ge=2)
+    markov_head: bool = Field(True, description="False: the Markov head stays zero (a DFlash-style ablation)")
+    draft_vocab_size: int | None = Field(
+        8192, ge=2, description="reduced output vocabulary: the ids the target emits most (None: full)"
+    )
+    mask_token: str = Field(
+        "<empty_output>", description="the special token whose (frozen) embedding row fills the block"
+    )
     num_prompts: int = Field(768, ge=1, description="training prompts to generate responses for")
     max_response_tokens: int = Field(256, ge=8)
     holdout_sequences: int = Field(64, ge=1, description="generated sequences kept for calibration")
@@ -64,7 +69,7 @@ class TrainConfig(BaseModel):
     def resolved_data_dir(self) -> Path:
         if self.data_dir:
             return Path(self.data_dir)
-        return cache_root() / "drafter_data" / ("smollm2-" + "-".join(map(str, self.target_layers)))
+        return cache_root() / "drafter_data" / ("smollm2-" + "-".join(map(str, self.target_layer_ids)))
 
 
 def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
@@ -79,6 +84,45 @@ def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -
     return torch.tensor(sorted(chosen))
 
 
+def new_drafter(cfg: TrainConfig, target: Transformer, train_set: list[Sequence]) -> DSparkDrafter:
+    """A randomly initialised drafter with the target's widths, its draft vocabulary and shared tensors."""
+    tokenizer = load_tokenizer(cfg.model)
+    mask_token_id = tokenizer.convert_tokens_to_ids(cfg.mask_token)
+    if mask_token_id is None or mask_token_id == tokenizer.unk_token_id:
+        raise ValueError(f"mask_token {cfg.mask_token!r} is not a token of {cfg.model}'s vocabulary")
+    drafter = DSparkDrafter(
+        DrafterConfig.for_target(
+            target.cfg, target_layer_ids=cfg.target_layer_ids, num_hidden_layers=cfg.num_hidden_layers,
+            block_size=cfg.block_size, markov_rank=cfg.markov_rank, draft_vocab_size=cfg.draft_vocab_size,
+            mask_token_id=mask_token_id,
+        )
+    )  # fmt: skip
+    if drafter.cfg.reduced_vocab:
+        vocab = build_draft_vocab(train_set, drafter.cfg.draft_vocab, target.cfg.eos_token_ids)
+        drafter.set_draft_vocab(vocab)
+    drafter.attach_target(target.embed, target.lm_head.weight)
+    drafter.init_norm_for_training()
+    if not cfg.markov_head:
+        drafter.markov_head.markov_w2.requires_grad_(False)  # stays zero: no transition bias
+    return drafter
+
+
+@torch.no_grad()
+def fill_unseen_markov_rows(drafter: DSparkDrafter, train_set: list[Sequence]) -> None:
+    """W1 has a row per target id but training only moves the rows of tokens it saw as a previous token;
+    the others keep their random init. Give them the mean of the trained rows outside the draft vocabulary
+    (or of all trained rows): an unseen token then reads as 'some rare token', not as noise."""
+    vocab = drafter.cfg.vocab_size
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    for seq in train_set:
+        seen[seq.token_ids[seq.prompt_len - 1 : -1]] = True
+    w1 = drafter.markov_head.markov_w1.weight
+    rare = seen & (drafter.target_to_draft.cpu() == drafter.cfg.draft_vocab)
+    source = rare if int(rare.sum()) >= 16 else seen
+    w1[~seen.to(w1.device)] = w1[source.to(w1.device)].mean(0)
+    log.info("Markov W1: %d of %d rows trained, the rest set to their mean", int(seen.sum()), vocab)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -91,7 +135,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = generate_dataset(
-        cfg.resolved_data_dir(), tuple(cfg.target_layers), cfg.num_prompts, cfg.max_response_tokens,
+        cfg.resolved_data_dir(), tuple(cfg.target_layer_ids), cfg.num_prompts, cfg.max_response_tokens,
         model=cfg.model,
     )  # fmt: skip
     log.info("phase 2/3: training the drafter")
@@ -99,24 +143,10 @@ def train(cfg: TrainConfig) -> Path:
     train_set, holdout = sequences[: -cfg.holdout_sequences], sequences[-cfg.holdout_sequences :]
     log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
     target = load_transformer(cfg.model, pack=False)
-    drafter = DSparkDrafter(
-        DrafterConfig.for_target(
-            target.cfg,
-            target_layers=cfg.target_layers,
-            num_layers=cfg.num_layers,
-            block_size=cfg.block_size,
-            markov_rank=cfg.markov_rank,
-            markov_head=cfg.markov_head,
-            normalize_target_layers=cfg.normalize_target_layers,
-            draft_vocab_size=cfg.draft_vocab_size,
-        )
-    )
-    drafter.set_draft_vocab(build_draft_vocab(train_set, cfg.draft_vocab_size, target.cfg.eos_token_ids))
-    drafter.attach_target(target.embed, target.lm_head.weight)
-    drafter.init_final_norm()
-    del target
+    drafter = new_drafter(cfg, target, train_set)
     drafter.to(device)
     fit(drafter, train_set, cfg, out, device)
+    fill_unseen_markov_rows(drafter, train_set)
     log.info("phase 3/3: calibrating on %d held-out sequences", len(holdout))
     calibration, report = calibrate(drafter, holdout)
     write_json(out / "calibration_report.json", report)
@@ -277,22 +307,31 @@ def holdout_scores(drafter: DSparkDrafter, holdout: list[Sequence]) -> dict[str,
 def calibrate(drafter: DSparkDrafter, holdout: list[Sequence]) -> tuple[Calibration, dict]:
     """Fit STS on half of the held-out sequences for greedy (argmax match) and sampled (1 - TV) acceptance;
     report the per-position ECE of the prefix survival on the other half: raw, with temperatures only (the
-    paper's STS), and as shipped (temperature and offset)."""
+    paper's STS), as shipped (temperature and offset), and with the one shared scaling a vLLM export folds
+    into the confidence head."""
     fit_scores, test = holdout_scores(drafter, holdout[::2]), holdout_scores(drafter, holdout[1::2])
     fitted = {
         mode: {offset: fit_sts(fit_scores["logits"], fit_scores[mode], fit_scores["valid"], offset)
                for offset in (False, True)}
         for mode in ("greedy", "sampled")
     }  # fmt: skip
-    calibration = Calibration(greedy=fitted["greedy"][True], sampled=fitted["sampled"][True])
+    shared = {mode: fit_shared(fit_scores["logits"], fit_scores[mode], fit_scores["valid"])
+              for mode in ("greedy", "sampled")}  # fmt: skip
+    calibration = Calibration(
+        greedy=fitted["greedy"][True], sampled=fitted["sampled"][True],
+        greedy_shared=shared["greedy"], sampled_shared=shared["sampled"],
+    )  # fmt: skip
     report: dict = {"fit_blocks": len(fit_scores["logits"]), "test_blocks": len(test["logits"])}
+    gamma = test["logits"].shape[1]
     for mode in ("greedy", "sampled"):
         outcomes, valid = test[mode], test["valid"]
         report[mode] = {
             "scalings": [x.model_dump() for x in fitted[mode][True]],
+            "shared_scaling": shared[mode].model_dump(),
             "ece_raw": prefix_ece(test["logits"], outcomes, valid),
             "ece_sts_temperature_only": prefix_ece(test["logits"], outcomes, valid, fitted[mode][False]),
             "ece_shipped": prefix_ece(test["logits"], outcomes, valid, fitted[mode][True]),
+            "ece_shared_folded": prefix_ece(test["logits"], outcomes, valid, [shared[mode]] * gamma),
             "acceptance_by_position": (outcomes * valid).sum(0).div(valid.sum(0)).tolist(),
         }
     return calibration, report

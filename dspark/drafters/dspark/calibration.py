@@ -11,6 +11,8 @@ temperature alone cannot move a systematically shifted estimate, so each positio
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel
 
@@ -29,6 +31,10 @@ class PositionScaling(BaseModel):
 class Calibration(BaseModel):
     greedy: list[PositionScaling]  # one per draft position
     sampled: list[PositionScaling]
+    # One scaling shared by every position: what a format without per-position calibration (vLLM's) can
+    # carry, folded into the confidence head's weights on export.
+    greedy_shared: PositionScaling | None = None
+    sampled_shared: PositionScaling | None = None
 
     def scalings(self, greedy: bool) -> list[PositionScaling]:
         return self.greedy if greedy else self.sampled
@@ -76,6 +82,28 @@ def fit_sts(
         scalings.append(best)
         prefix_prob = prefix_prob * best.apply(logits[:, k].double())
     return scalings
+
+
+def fit_shared(logits: torch.Tensor, survived: torch.Tensor, valid: torch.Tensor) -> PositionScaling:
+    """One Platt scaling sigmoid(l / T + b) for all positions, fitted by log-loss on the conditional survival
+    of every position whose prefix survived (the single affine correction a confidence head can absorb)."""
+    reached = torch.cumprod(torch.cat((torch.ones_like(survived[:, :1]), survived[:, :-1]), 1).double(), 1)
+    weight = (reached * valid.double()).flatten()
+    x, y = logits.double().flatten(), survived.double().flatten()
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # log(1 / T), b
+    optimizer = torch.optim.LBFGS([params], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        z = x * params[0].exp() + params[1]
+        value = (torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none") * weight).sum()
+        value = value / weight.sum().clamp_min(1)
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    log_inverse, offset = params.detach().tolist()
+    return PositionScaling(temperature=math.exp(-log_inverse), offset=offset)
 
 
 def prefix_ece(

@@ -1,20 +1,28 @@
-"""The DSpark drafter: a parallel backbone conditioned on the target, a Markov head and a confidence head.
+"""The DSpark drafter in the standard architecture (DeepSpec's `Qwen3DSparkModel`, served by vLLM 0.32).
 
-Parallel stage (DFlash-style backbone, paper Sec. 2.2 / 3.1): hidden states of several target layers are
-concatenated, projected and normalised into context features, injected as extra keys/values into every
-draft layer. The block input is the anchor token (the last token the target produced, not yet fed to it)
-followed by gamma-1 mask tokens; the anchor is the first prediction position, so gamma inputs give gamma
-logits. Inside a block attention is bidirectional; a block sees the context of positions before its anchor.
+Parallel stage (DFlash-style backbone, paper Sec. 2.2 / 3.1): the outputs of several target layers are
+concatenated, projected by `fc` and normalised by `hidden_norm` into context features; every draft layer
+turns them into extra keys (with its per-head `k_norm` and RoPE) and values. A block is the anchor (the
+last token the target produced, not yet fed to it) followed by `mask_token_id` rows of the vocabulary
+embedding; with `sample_from_anchor` the anchor is the first prediction position, so a block of gamma
+rows drafts gamma tokens (without it, the DFlash convention, gamma - 1). Attention inside a block is
+bidirectional; a block sees the context before its anchor.
 
-Sequential stage: the Markov head adds a low-rank transition bias B(x_{k-1}, .) = W1[x_{k-1}] W2 to
-position k's base logits; tokens are sampled left to right. The confidence head estimates
-c_k = sigmoid(w . [h_k ; W1[x_{k-1}]]), the probability that position k survives given the earlier ones did.
+Sequential stage: the Markov head adds a low-rank transition bias W2 . W1[x_{k-1}] to position k's logits,
+W1 indexed by the previous token's target id; tokens are drawn left to right. The confidence head
+estimates c_k = sigmoid(proj([h_k ; W1[x_{k-1}]])), the probability that position k survives given the
+earlier ones did.
 
-The drafter shares the target's embedding and LM head, frozen; the LM head is cut to a draft vocabulary
-(the tokens the target actually produces most) to keep its cost small on CPU.
+The input embedding is the target's (frozen, shared). The output head covers the full vocabulary (the
+target's head, shared) or a reduced draft vocabulary (`lm_head` rows + `d2t`, EAGLE-3 style: target id =
+draft id + d2t[draft id]); the reduced head keeps the CPU cost of a draft step small.
+
+Module and parameter names are the standard checkpoint's tensor names, so `state_dict()` is the format.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,39 +33,193 @@ from dspark.models.config import ModelConfig
 from dspark.models.linear import Linear
 from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
+ARCHITECTURE = "Qwen3DSparkModel"
+VLLM_DEFAULT_ROPE_THETA = 1e6  # what vLLM assumes when a drafter's config.json names no rope theta
+
+
+class DrafterConfigError(ValueError):
+    """A drafter config.json that is not the standard format, or a drafter that does not fit its target.
+    `field` names the config field (or tensor) at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
 
 class DrafterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """The drafter's architecture: the fields of the standard `config.json` this project reads."""
 
-    target_layers: list[int] = Field(description="target decoder layers whose outputs condition the drafter")
-    num_layers: int = Field(2, ge=1)
-    block_size: int = Field(7, ge=1, description="gamma: draft tokens per block (anchor + gamma-1 masks)")
-    markov_rank: int = Field(64, ge=1)
-    markov_head: bool = Field(True, description="False: a purely parallel (DFlash-style) drafter")
-    normalize_target_layers: bool = Field(
-        True, description="RMS-normalise each target layer's hidden state before the projection"
-    )
-    draft_vocab_size: int = Field(8192, ge=2)
-    # copied from the target
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None = None
-    max_positions: int
-    target_vocab_size: int
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_hidden_layers: int = Field(ge=1)
+    hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    rms_norm_eps: float = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    vocab_size: int = Field(gt=0, description="input vocabulary: the target's")
+    rope_theta: float = Field(gt=0)
+    rope_scaling: dict[str, Any] | None = None
+    block_size: int = Field(ge=1, description="draft tokens per block")
+    mask_token_id: int = Field(ge=0, description="vocabulary row that fills the block after the anchor")
+    target_layer_ids: list[int] = Field(min_length=1, description="target layers whose outputs condition")
+    markov_rank: int = Field(ge=1)
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    draft_vocab_size: int | None = Field(None, ge=2, description="reduced output vocabulary (None: full)")
+    target_hidden_size: int | None = Field(None, gt=0, description="the target's width when it differs")
+    sample_from_anchor: bool = True
+
+    @property
+    def draft_vocab(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.draft_vocab < self.vocab_size
+
+    @property
+    def target_width(self) -> int:
+        return self.target_hidden_size or self.hidden_size
 
     @classmethod
-    def for_target(cls, target: ModelConfig, **overrides) -> DrafterConfig:
-        return cls(
-            hidden_size=target.hidden_size, num_heads=target.num_heads, num_kv_heads=target.num_kv_heads,
-            head_dim=target.head_dim, intermediate_size=target.intermediate_size,
-            rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
-            max_positions=target.max_position_embeddings, target_vocab_size=target.vocab_size, **overrides,
+    def for_target(cls, target: ModelConfig, **overrides: Any) -> DrafterConfig:
+        """A drafter with the target's widths (what DeepSeek's released drafters use)."""
+        fields: dict[str, Any] = dict(
+            hidden_size=target.hidden_size, num_attention_heads=target.num_heads,
+            num_key_value_heads=target.num_kv_heads, head_dim=target.head_dim,
+            intermediate_size=target.intermediate_size, rms_norm_eps=target.rms_norm_eps,
+            max_position_embeddings=target.max_position_embeddings, vocab_size=target.vocab_size,
+            rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
         )  # fmt: skip
+        return cls(**(fields | overrides))
+
+    # ---- config.json ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> DrafterConfig:
+        """Read a standard DSpark `config.json` (DeepSpec / vLLM); a clear error names what does not fit."""
+        if "target_layers" in hf and "target_layer_ids" not in hf:
+            raise DrafterConfigError("target_layer_ids", "this is the project's pre-standard drafter format "
+                                     "(it has `target_layers`); retrain it with `dspark train`")  # fmt: skip
+        _expect(hf, "model_type", ("qwen3",))
+        _expect(hf, "hidden_act", ("silu",), default="silu")
+        _expect(hf, "markov_head_type", ("vanilla",), default="vanilla")
+        if hf.get("attention_bias", False):
+            raise DrafterConfigError("attention_bias", "draft attention with biases is not supported")
+        layer_types = hf.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            raise DrafterConfigError("layer_types", f"only full (in-block bidirectional) attention is "
+                                     f"supported, got {sorted(set(layer_types))}")  # fmt: skip
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise DrafterConfigError("rope_parameters", f"rope type {rope_type!r} is not supported")
+        num_heads = _required(hf, "num_attention_heads")
+        fields = dict(
+            num_hidden_layers=_required(hf, "num_hidden_layers"), hidden_size=_required(hf, "hidden_size"),
+            num_attention_heads=num_heads, num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or _required(hf, "hidden_size") // num_heads,
+            intermediate_size=_required(hf, "intermediate_size"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 40960),
+            vocab_size=_required(hf, "vocab_size"),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", VLLM_DEFAULT_ROPE_THETA)),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            block_size=_required(hf, "block_size"), mask_token_id=_required(hf, "mask_token_id"),
+            target_layer_ids=_required(hf, "target_layer_ids"), markov_rank=_required(hf, "markov_rank"),
+            enable_confidence_head=hf.get("enable_confidence_head", False),
+            confidence_head_with_markov=hf.get("confidence_head_with_markov", False),
+            draft_vocab_size=hf.get("draft_vocab_size"), target_hidden_size=hf.get("target_hidden_size"),
+            sample_from_anchor=hf.get("sample_from_anchor", True),
+        )  # fmt: skip
+        try:
+            cfg = cls(**fields)
+        except ValueError as err:
+            first = err.errors()[0] if hasattr(err, "errors") else {}
+            field = ".".join(str(p) for p in first.get("loc", ())) or "config.json"
+            raise DrafterConfigError(field, first.get("msg", str(err))) from err
+        cfg.check_self_consistent()
+        return cfg
+
+    def check_self_consistent(self) -> None:
+        if self.draft_vocab > self.vocab_size:
+            message = f"{self.draft_vocab} exceeds vocab_size {self.vocab_size}"
+            raise DrafterConfigError("draft_vocab_size", message)
+        if self.mask_token_id >= self.vocab_size:
+            raise DrafterConfigError("mask_token_id", f"{self.mask_token_id} is outside the vocabulary "
+                                     f"({self.vocab_size} rows)")  # fmt: skip
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise DrafterConfigError("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                                     f"num_attention_heads {self.num_attention_heads}")  # fmt: skip
+
+    def check_fits(self, target: ModelConfig, shares_embedding: bool = True) -> None:
+        """Refuse a drafter that was not made for this target, naming the field that differs."""
+        if self.target_width != target.hidden_size:
+            field = "target_hidden_size" if self.target_hidden_size else "hidden_size"
+            raise DrafterConfigError(field, f"the drafter reads target states of width {self.target_width}, "
+                                     f"the target's hidden_size is {target.hidden_size}")  # fmt: skip
+        if shares_embedding and self.hidden_size != target.hidden_size:
+            message = f"{self.hidden_size} differs from the target's {target.hidden_size} (no own embedding)"
+            raise DrafterConfigError("hidden_size", message)
+        if self.vocab_size != target.vocab_size:
+            message = f"the drafter's vocabulary has {self.vocab_size} rows, the target's {target.vocab_size}"
+            raise DrafterConfigError("vocab_size", message)
+        bad = [i for i in self.target_layer_ids if not 0 <= i < target.num_layers]
+        if bad:
+            last = target.num_layers - 1
+            message = f"{bad} out of range: the target has {target.num_layers} layers (ids 0..{last})"
+            raise DrafterConfigError("target_layer_ids", message)
+
+    def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """The standard `config.json`: a Qwen3 config that vLLM 0.32 and DeepSpec read as is."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta} | (self.rope_scaling or {})
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "qwen3",
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "num_hidden_layers": self.num_hidden_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,  # explicit: vLLM falls back to 1e6 when absent
+            "rope_parameters": rope,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": False,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "block_size": self.block_size,
+            "mask_token_id": self.mask_token_id,
+            "target_layer_ids": list(self.target_layer_ids),
+            "markov_rank": self.markov_rank,
+            "markov_head_type": "vanilla",
+            "enable_confidence_head": self.enable_confidence_head,
+            "confidence_head_with_markov": self.confidence_head_with_markov,
+            "sample_from_anchor": self.sample_from_anchor,
+            "num_speculative_tokens": self.block_size if self.sample_from_anchor else self.block_size - 1,
+            "torch_dtype": torch_dtype,
+            **({"draft_vocab_size": self.draft_vocab_size} if self.reduced_vocab else {}),
+            **({"target_hidden_size": self.target_hidden_size} if self.target_hidden_size else {}),
+        }
+
+
+def _required(hf: dict[str, Any], field: str) -> Any:
+    if field not in hf:
+        raise DrafterConfigError(field, "missing from the drafter's config.json")
+    return hf[field]
+
+
+def _expect(hf: dict[str, Any], field: str, allowed: tuple[str, ...], default: str | None = None) -> None:
+    value = hf.get(field, default)
+    if value not in allowed:
+        raise DrafterConfigError(field, f"{value!r} is not supported (expected {' or '.join(allowed)})")
 
 
 def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
@@ -70,44 +232,38 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     return linear
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-class DraftLayer(nn.Module):
-    """A Llama decoder layer whose keys/values are [injected context ; block]."""
-
+class DraftAttention(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.attn_norm = nn.Parameter(torch.ones(d))
-        self.mlp_norm = nn.Parameter(torch.ones(d))
-        self.wq = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.wkv = nn.Linear(d, 2 * cfg.num_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * hd, d, bias=False)
-        self.w_gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
-        self.w_down = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotated keys and values [rows, kv_heads, head_dim] of already-normalised inputs."""
-        k, v = self.wkv(x).view(x.shape[0], 2 * self.cfg.num_kv_heads, self.cfg.head_dim).chunk(2, dim=1)
-        return apply_rope(k, cos, sin), v
+        """Normalised, rotated keys and values [rows, kv_heads, head_dim] of `x` (block rows after the
+        input norm, or context features: vLLM applies k_norm to the injected keys too)."""
+        shape = (x.shape[0], self.cfg.num_key_value_heads, self.cfg.head_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
+        return k, self.v_proj(x).view(shape)
 
     def forward(
         self,
-        x: torch.Tensor,
+        h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        context: list[tuple[torch.Tensor, torch.Tensor]],
+        context: tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]],
         block_sizes: list[int],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """x: [rows, d], the blocks of several groups stacked; group i has `block_sizes[i]` rows and
+        """h: [rows, d], the blocks of several groups stacked; group i has `block_sizes[i]` rows and
         attends to context[i] = (keys, values) and to its own rows, under masks[i] (None: all visible)."""
         cfg = self.cfg
-        h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope(self.wq(h).view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+        q = apply_rope(self.q_norm(self.q_proj(h).view(-1, cfg.num_attention_heads, cfg.head_dim)), cos, sin)
         k, v = self.keys_values(h, cos, sin)
         outs, start = [], 0
         for (ctx_k, ctx_v), n, mask in zip(context, block_sizes, masks, strict=True):
@@ -119,81 +275,135 @@ class DraftLayer(nn.Module):
             )
             outs.append(out[0].transpose(0, 1).reshape(n, -1))
             start += n
-        x = x + self.wo(torch.cat(outs))
-        gate, up = self.w_gate_up(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps)).chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        return self.o_proj(torch.cat(outs))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    """A Qwen3 decoder layer (pre-norm, per-head q/k norm) whose keys/values are [context ; block]."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = DraftMLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos, sin, context, block_sizes, masks) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context, block_sizes, masks)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.markov_w1 = nn.Embedding(cfg.vocab_size, cfg.markov_rank)  # by the previous token's target id
+        self.markov_w2 = nn.Linear(cfg.markov_rank, cfg.draft_vocab, bias=False)
+        nn.init.zeros_(self.markov_w2.weight)  # training starts from the parallel drafter
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        width = cfg.hidden_size + (cfg.markov_rank if cfg.confidence_head_with_markov else 0)
+        self.proj = nn.Linear(width, 1, bias=True)
 
 
 class DSparkDrafter(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
+        cfg.check_self_consistent()
         self.cfg = cfg
-        d, r, vd = cfg.hidden_size, cfg.markov_rank, cfg.draft_vocab_size
-        self.context_proj = nn.Linear(len(cfg.target_layers) * d, d, bias=False)
-        self.context_norm = nn.Parameter(torch.ones(d))
-        self.mask_embedding = nn.Parameter(torch.zeros(d))
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.Parameter(torch.ones(d))
-        # Markov head: W1 embeds the previous token (row vd: a token outside the draft vocabulary).
-        self.markov_embed = nn.Embedding(vd + 1, r)
-        self.markov_out = nn.Linear(r, vd, bias=False)
-        nn.init.zeros_(self.markov_out.weight)  # training starts from the parallel drafter
-        self.confidence = nn.Linear(d + r, 1)
-        # Shared with the target and frozen (filled by `attach_target`, never saved).
-        self.register_buffer("embed", torch.zeros(cfg.target_vocab_size, d), persistent=False)
-        self.register_buffer("lm_head", torch.zeros(vd, d), persistent=False)
-        # Draft vocabulary: draft id -> target id, and target id -> draft id (vd when absent).
-        self.register_buffer("draft_to_target", torch.arange(vd))
-        self.register_buffer("target_to_draft", torch.full((cfg.target_vocab_size,), vd), persistent=False)
+        d = cfg.hidden_size
+        self.fc = nn.Linear(len(cfg.target_layer_ids) * cfg.target_width, d, bias=False)
+        self.hidden_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.markov_head = MarkovHead(cfg)
+        self.confidence_head = ConfidenceHead(cfg) if cfg.enable_confidence_head else None
+        # Output head: frozen. Its rows are the target's own unless a checkpoint ships different ones.
+        self.lm_head = nn.Linear(d, cfg.draft_vocab, bias=False).requires_grad_(False)
+        self.lm_head_from_target = True
+        if cfg.reduced_vocab:  # target id = draft id + d2t[draft id]
+            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.long))
+        # The target's input embedding, frozen and shared (never saved unless a checkpoint ships its own).
+        self.register_buffer("embed_tokens", torch.zeros(cfg.vocab_size, d), persistent=False)
+        self.register_buffer("target_to_draft", torch.arange(cfg.vocab_size), persistent=False)
         cos, sin = rope_tables(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                               cfg.max_positions)  # fmt: skip
+                               cfg.max_position_embeddings)  # fmt: skip
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head_packed: Linear | None = None
 
-    # ---- wiring ---------------------------------------------------------------------------------------
+    # ---- wiring -------------------------------------------------------------------------------------------
 
-    def attach_target(self, embed: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
-        """Share the target's (frozen) embedding and the draft-vocabulary rows of its LM head."""
-        self.embed = embed.detach()
-        self.lm_head = lm_head_weight.detach()[self.draft_to_target].clone()
-        t2d = torch.full((self.cfg.target_vocab_size,), self.cfg.draft_vocab_size, dtype=torch.long)
-        t2d[self.draft_to_target] = torch.arange(self.cfg.draft_vocab_size)
-        self.target_to_draft = t2d
+    @property
+    def draft_to_target(self) -> torch.Tensor:
+        """[draft vocab] target id of every draft id."""
+        ids = torch.arange(self.cfg.draft_vocab, device=self.lm_head.weight.device)
+        return ids + self.d2t if self.cfg.reduced_vocab else ids
 
     def set_draft_vocab(self, draft_to_target: torch.Tensor) -> None:
-        if draft_to_target.numel() != self.cfg.draft_vocab_size:
+        if not self.cfg.reduced_vocab:
+            raise ValueError("a full-vocabulary drafter has no draft vocabulary to set")
+        if draft_to_target.numel() != self.cfg.draft_vocab:
             raise ValueError(f"draft vocabulary has {draft_to_target.numel()} ids, config says "
-                             f"{self.cfg.draft_vocab_size}")  # fmt: skip
-        self.draft_to_target = draft_to_target.long().clone()
+                             f"{self.cfg.draft_vocab}")  # fmt: skip
+        self.d2t = (draft_to_target.long() - torch.arange(self.cfg.draft_vocab)).to(self.d2t.device)
+        self._index_draft_vocab()
 
-    def init_final_norm(self) -> None:
+    def _index_draft_vocab(self) -> None:
+        t2d = torch.full((self.cfg.vocab_size,), self.cfg.draft_vocab, dtype=torch.long)
+        t2d[self.draft_to_target.cpu()] = torch.arange(self.cfg.draft_vocab)
+        self.target_to_draft = t2d.to(self.lm_head.weight.device)
+
+    def attach_target(self, embed: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Share the target's frozen embedding and, unless the checkpoint shipped its own, the draft
+        vocabulary's rows of its LM head."""
+        if embed.shape != self.embed_tokens.shape:
+            message = f"target embedding {tuple(embed.shape)} differs from {tuple(self.embed_tokens.shape)}"
+            raise DrafterConfigError("vocab_size", message)
+        self.embed_tokens = embed.detach()
+        if self.cfg.reduced_vocab:
+            self._index_draft_vocab()
+        if self.lm_head_from_target:
+            rows = lm_head_weight.detach()
+            rows = rows[self.draft_to_target.to(rows.device)] if self.cfg.reduced_vocab else rows
+            self.lm_head.weight = nn.Parameter(rows.to(self.lm_head.weight.dtype), requires_grad=False)
+
+    def init_norm_for_training(self) -> None:
         """After `attach_target`: scale the final norm so that the first logits have unit spread (near-uniform
         drafts); a random backbone through the target's own norm gain gives confidently wrong logits."""
         with torch.no_grad():
-            self.final_norm.fill_(1 / float(self.lm_head.norm(dim=1).mean()))
+            self.norm.weight.fill_(1 / float(self.lm_head.weight.norm(dim=1).mean()))
 
-    # ---- the parallel stage ---------------------------------------------------------------------------
+    # ---- the parallel stage -------------------------------------------------------------------------------
 
     def context_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, layers*d] concatenated target hidden states -> [rows, d] context features.
-
-        Normalising each layer first matters: a few positions (attention sinks) carry activations ~1000x
-        the typical size in a few channels, which otherwise dominate the projection."""
-        target_hidden = target_hidden.to(self.context_norm.dtype)
-        if self.cfg.normalize_target_layers:
-            rows, d = target_hidden.shape[0], self.cfg.hidden_size
-            per_layer = target_hidden.view(rows, -1, d)
-            target_hidden = F.rms_norm(per_layer, (d,), eps=self.cfg.rms_norm_eps).reshape(rows, -1)
-        projected = self.context_proj(target_hidden)
-        return rms_norm(projected, self.context_norm, self.cfg.rms_norm_eps)
+        """[rows, layers * target width] concatenated target states -> [rows, d] context features."""
+        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
 
     def context_keys_values(
         self, features: torch.Tensor, positions: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per draft layer, the injected keys/values of context features at `positions`."""
         cos, sin = self.rope_cos[positions, None], self.rope_sin[positions, None]
-        return [layer.keys_values(features, cos, sin) for layer in self.layers]
+        return [layer.self_attn.keys_values(features, cos, sin) for layer in self.layers]
+
+    @property
+    def draft_length(self) -> int:
+        """Tokens one block drafts: every row with `sample_from_anchor`, else all but the anchor's (the
+        DFlash convention, where slot k predicts the token k after the anchor)."""
+        return self.cfg.block_size if self.cfg.sample_from_anchor else self.cfg.block_size - 1
 
     def backbone(
         self,
@@ -203,25 +413,25 @@ class DSparkDrafter(nn.Module):
         block_sizes: list[int],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """Hidden states h_1..h_gamma of blocks [blocks, gamma, d].
+        """Hidden states of the prediction rows of blocks [blocks, draft_length, d], after the final norm.
 
         anchors: [blocks] anchor ids; positions: [blocks] anchor positions. Blocks are grouped: group i
-        has block_sizes[i] // gamma blocks sharing context[i] (per layer keys/values) under masks[i].
+        has block_sizes[i] rows (block_sizes[i] // block_size blocks) sharing context[i] (per layer keys/
+        values) under masks[i].
         """
-        gamma = self.cfg.block_size
-        x = self.mask_embedding.expand(len(anchors), gamma, -1).clone()
-        x[:, 0] = self.embed[anchors]
-        pos = (positions[:, None] + torch.arange(gamma)).flatten()
+        rows = self.cfg.block_size
+        ids = torch.full((len(anchors), rows), self.cfg.mask_token_id, device=anchors.device)
+        ids[:, 0] = anchors
+        x = F.embedding(ids.flatten(), self.embed_tokens)
+        pos = (positions[:, None] + torch.arange(rows, device=positions.device)).flatten()
         cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
-        x = x.flatten(0, 1)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, [c[i] for c in context], block_sizes, masks)
-        return rms_norm(x, self.final_norm, self.cfg.rms_norm_eps).view(len(anchors), gamma, -1)
+        hidden = self.norm(x).view(len(anchors), rows, -1)
+        return hidden if self.cfg.sample_from_anchor else hidden[:, 1:]
 
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_packed is not None:
-            return self.lm_head_packed(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
-        return F.linear(hidden, self.lm_head)
+        return self.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
 
     def pack_for_inference(self) -> None:
         """Use the engine's CPU matmul kernels (drafting multiplies a handful of rows); no autograd after."""
@@ -229,18 +439,19 @@ class DSparkDrafter(nn.Module):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(module, name, _packed_linear(child.weight, child.bias))
-        self.lm_head_packed = _packed_linear(self.lm_head)
 
-    # ---- the sequential stage and confidence ------------------------------------------------------------
+    # ---- the sequential stage and confidence --------------------------------------------------------------
 
     def markov_embedding(self, prev_tokens: torch.Tensor) -> torch.Tensor:
-        """W1[x_{k-1}] for target ids (tokens outside the draft vocabulary share one row)."""
-        return self.markov_embed(self.target_to_draft[prev_tokens])
+        """W1[x_{k-1}] for target ids."""
+        return self.markov_head.markov_w1(prev_tokens)
 
     def transition_bias(self, prev_embedding: torch.Tensor) -> torch.Tensor:
-        if not self.cfg.markov_head:
-            return torch.zeros((), dtype=prev_embedding.dtype)
-        return self.markov_out(prev_embedding)
+        return self.markov_head.markov_w2(prev_embedding)
 
-    def confidence_logit(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
-        return self.confidence(torch.cat((hidden, prev_embedding), dim=-1)).squeeze(-1)
+    def confidence_logit(self, hidden: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor | None:
+        """The confidence head's logit (None: the checkpoint has no confidence head)."""
+        if self.confidence_head is None:
+            return None
+        x = torch.cat((hidden, prev_embedding), dim=-1) if self.cfg.confidence_head_with_markov else hidden
+        return self.confidence_head.proj(x.float()).squeeze(-1)

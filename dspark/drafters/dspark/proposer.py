@@ -61,9 +61,10 @@ class DSparkProposer(Proposer):
         if next(drafter.parameters()).device.type == "cpu":
             drafter.pack_for_inference()
         self.calibration = calibration
-        self.hidden_layers = tuple(drafter.cfg.target_layers)
-        self.block_size = drafter.cfg.block_size
-        self.default_num_speculative_tokens = drafter.cfg.block_size  # the whole block it was trained on
+        self.hidden_layers = tuple(drafter.cfg.target_layer_ids)
+        self.draft_to_target = drafter.draft_to_target
+        self.draft_length = drafter.draft_length
+        self.default_num_speculative_tokens = drafter.draft_length  # the whole block it was trained on
         self.contexts: dict[str, _Context] = {}
 
     @classmethod
@@ -104,12 +105,12 @@ class DSparkProposer(Proposer):
         contexts = [self.contexts[r.request_id] for r in requests]
         anchors = torch.tensor([r.token_ids[-1] for r in requests])
         positions = torch.tensor([c.length for c in contexts])
-        gamma = self.block_size
+        rows = self.drafter.cfg.block_size
         hidden = self.drafter.backbone(
-            anchors, positions, [c.view() for c in contexts], [gamma] * len(requests), [None] * len(requests)
+            anchors, positions, [c.view() for c in contexts], [rows] * len(requests), [None] * len(requests)
         )
         base = self.drafter.base_logits(hidden)
-        steps = min(gamma, max(max_lens))
+        steps = min(self.draft_length, max(max_lens))
         return self._sample_sequentially(requests, anchors, hidden, base, steps, max_lens)
 
     def _sample_sequentially(
@@ -127,12 +128,13 @@ class DSparkProposer(Proposer):
             logits = base[:, k] + d.transition_bias(prev_embedding)
             confidences.append(self._confidence(hidden[:, k], prev_embedding, k, greedy))
             if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
-                dist, prev = None, d.draft_to_target[logits.argmax(-1)]
+                dist, prev = None, self.draft_to_target[logits.argmax(-1)]
             else:
-                full = logits.new_full((len(requests), d.cfg.target_vocab_size), float("-inf"))
-                full[:, d.draft_to_target] = logits
+                full = self._target_space(logits)
                 dist = processed_probs(full, *sampling)
                 prev = self._draw(full, dist, requests, greedy)
+            if confidences[-1] is None:  # a checkpoint without a confidence head: the draft's own probability
+                confidences[-1] = torch.softmax(logits.float(), -1).max(-1).values
             tokens.append(prev)
             probs.append(dist)
         return [
@@ -144,9 +146,15 @@ class DSparkProposer(Proposer):
             for i in range(len(requests))
         ]
 
-    def _draw(
-        self, logits: torch.Tensor, dist: torch.Tensor | None, requests, greedy: list[bool]
-    ) -> torch.Tensor:
+    def _target_space(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits scattered into the target's vocabulary (-inf elsewhere)."""
+        if not self.drafter.cfg.reduced_vocab:
+            return logits
+        full = logits.new_full((len(logits), self.drafter.cfg.vocab_size), float("-inf"))
+        full[:, self.draft_to_target] = logits
+        return full
+
+    def _draw(self, logits: torch.Tensor, dist: torch.Tensor, requests, greedy: list[bool]) -> torch.Tensor:
         drawn = logits.argmax(-1)
         for i, r in enumerate(requests):
             if not greedy[i]:
@@ -155,6 +163,8 @@ class DSparkProposer(Proposer):
 
     def _confidence(self, hidden: torch.Tensor, prev_embedding: torch.Tensor, k: int, greedy: list[bool]):
         logit = self.drafter.confidence_logit(hidden, prev_embedding)
+        if logit is None:
+            return None
         if self.calibration is None:
             return torch.sigmoid(logit)
         return torch.stack([self.calibration.scalings(g)[k].apply(logit[i]) for i, g in enumerate(greedy)])
