@@ -99,10 +99,11 @@ def load_drafter(directory: str | Path, target: Transformer | None = None) -> DS
     embedding and LM head. Errors name the config field or tensor at fault."""
     path = Path(directory)
     cfg = read_config(path)
-    if target is not None:
-        cfg.check_fits(target.cfg)
     drafter = DSparkDrafter(cfg)
     tensors = _checked_tensors(load_file(path / WEIGHTS), drafter)
+    if target is not None:
+        shares = not {"embed_tokens.weight", "lm_head.weight"} <= tensors.keys()  # needs the target's width
+        cfg.check_fits(target.cfg, shares_target_tensors=shares)
     own_embedding = tensors.pop("embed_tokens.weight", None)
     drafter.lm_head_from_target = "lm_head.weight" not in tensors
     if drafter.lm_head_from_target:

@@ -150,18 +150,23 @@ class DrafterConfig(BaseModel):
         if self.mask_token_id >= self.vocab_size:
             raise DrafterConfigError("mask_token_id", f"{self.mask_token_id} is outside the vocabulary "
                                      f"({self.vocab_size} rows)")  # fmt: skip
+        if list(self.target_layer_ids) != sorted(set(self.target_layer_ids)):
+            # vLLM concatenates the captured layers in ascending order: another order would read differently
+            message = f"{self.target_layer_ids} must be distinct and ascending"
+            raise DrafterConfigError("target_layer_ids", message)
         if self.num_attention_heads % self.num_key_value_heads:
             raise DrafterConfigError("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
                                      f"num_attention_heads {self.num_attention_heads}")  # fmt: skip
 
-    def check_fits(self, target: ModelConfig, shares_embedding: bool = True) -> None:
+    def check_fits(self, target: ModelConfig, shares_target_tensors: bool = True) -> None:
         """Refuse a drafter that was not made for this target, naming the field that differs."""
         if self.target_width != target.hidden_size:
             field = "target_hidden_size" if self.target_hidden_size else "hidden_size"
             raise DrafterConfigError(field, f"the drafter reads target states of width {self.target_width}, "
                                      f"the target's hidden_size is {target.hidden_size}")  # fmt: skip
-        if shares_embedding and self.hidden_size != target.hidden_size:
-            message = f"{self.hidden_size} differs from the target's {target.hidden_size} (no own embedding)"
+        if shares_target_tensors and self.hidden_size != target.hidden_size:
+            message = f"{self.hidden_size} differs from the target's {target.hidden_size}, whose embedding and "
+            message += "LM head the drafter shares (it ships no embed_tokens / lm_head of its own)"
             raise DrafterConfigError("hidden_size", message)
         if self.vocab_size != target.vocab_size:
             message = f"the drafter's vocabulary has {self.vocab_size} rows, the target's {target.vocab_size}"

@@ -89,7 +89,11 @@ class DSparkProposer(Proposer):
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
         """Drafts for requests whose context the target has fed up to the anchor; others get none (the
         step that finishes a prompt produces the first anchor, drafting starts on the next)."""
-        ready = [i for i, r in enumerate(requests) if self._context_length(r) == len(r.token_ids) - 1]
+        ready = [
+            i
+            for i, r in enumerate(requests)
+            if r.request_id in self.contexts and self._context_length(r) == len(r.token_ids) - 1
+        ]
         drafts = [Draft([]) for _ in requests]
         if ready:
             made = self._propose_ready([requests[i] for i in ready], [max_lens[i] for i in ready])
