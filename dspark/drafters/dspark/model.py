@@ -165,8 +165,8 @@ class DrafterConfig(BaseModel):
             raise DrafterConfigError(field, f"the drafter reads target states of width {self.target_width}, "
                                      f"the target's hidden_size is {target.hidden_size}")  # fmt: skip
         if shares_target_tensors and self.hidden_size != target.hidden_size:
-            message = f"{self.hidden_size} differs from the target's {target.hidden_size}, whose embedding and "
-            message += "LM head the drafter shares (it ships no embed_tokens / lm_head of its own)"
+            message = f"{self.hidden_size} differs from the target's {target.hidden_size}, whose embedding"
+            message += " and LM head the drafter shares (it ships no embed_tokens / lm_head of its own)"
             raise DrafterConfigError("hidden_size", message)
         if self.vocab_size != target.vocab_size:
             message = f"the drafter's vocabulary has {self.vocab_size} rows, the target's {target.vocab_size}"
