@@ -17,6 +17,8 @@ from deployments.dspark_app import build_app
 from deployments.workers import placement_bundles
 from dspark.serving.config import ServeConfig
 
+RAY_WORKER_NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts
+
 log = logging.getLogger(__name__)
 GRPC_SERVICER = "dspark.v1.dspark_pb2_grpc.add_DSparkServicer_to_server"
 APP_NAME = "dspark"
@@ -25,6 +27,11 @@ APP_NAME = "dspark"
 def start(config: ServeConfig, http_port: int = 8000, grpc_port: int = 9000, host: str = "127.0.0.1"):
     """Start Ray (if needed), the Serve proxies and the application; returns its handle."""
     if not ray.is_initialized():
+        # Ray starts its workers (the engine replicas among them) at nice 15 while GCS, the raylet and the
+        # dashboard run at 0: on a small machine the engine then yields to Ray's bookkeeping (20.1 vs 28.7
+        # tok/s served at c=1 on 2 cores). The engine is the work; run it at the cluster's own priority.
+        # RAY_worker_niceness set by the user still wins. KubeRay pods set it in k8s/.
+        os.environ.setdefault(RAY_WORKER_NICENESS, "0")
         # A laptop may have fewer cores than the configured ranks ask for: advertise enough logical CPUs
         # (the ranks then share cores, as threads would).
         needed = sum(b["CPU"] for b in placement_bundles(config)) * config.autoscaling.max_replicas + 1

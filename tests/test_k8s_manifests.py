@@ -400,3 +400,12 @@ def test_bad_args_are_rejected():
     args["tensor_paralel_size"] = 2
     with pytest.raises(ValueError, match="extra"):
         ServeConfig.model_validate(args)
+
+
+def test_ray_workers_run_at_the_nodes_priority(manifest):
+    """Ray's default worker niceness (15) makes the engine replicas yield to Ray's own processes; every Ray
+    container (head and workers) sets RAY_worker_niceness=0 for the raylet it starts."""
+    groups = [cluster(manifest)["headGroupSpec"], *cluster(manifest)["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e.get("value") for e in containers(group)[0].get("env", [])}
+        assert env.get("RAY_worker_niceness") == "0"
