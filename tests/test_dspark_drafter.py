@@ -229,3 +229,37 @@ def test_sampled_output_follows_the_targets_distribution(
 
     p1, p2 = first_two_token_probs(hf_model, prompt)
     assert first_two_token_pvalue(completions, p1, p2) > 1e-3
+
+
+def test_calibrated_confidences_apply_each_requests_own_scalings(random_drafter, recorded: Sequence):
+    """Greedy and sampled requests in one call get their own per-position STS scalings: sigmoid(l / T_k + b_k)
+    of the confidence head's logit, as PositionScaling.apply computes it."""
+    from dspark.drafters.dspark.calibration import Calibration, PositionScaling
+
+    scalings = [PositionScaling(temperature=0.5 + k / 4, offset=k / 10 - 0.3) for k in range(GAMMA)]
+    calibration = Calibration(greedy=scalings, sampled=[PositionScaling(temperature=2.0)] * GAMMA)
+    proposer = DSparkProposer(copy.deepcopy(random_drafter), calibration)
+    anchor = recorded.prompt_len + 4
+
+    def request(rid: str, params: SamplingParams):
+        return type("Req", (), {"request_id": rid, "params": params, "generator": torch.Generator(),
+                                "token_ids": recorded.token_ids[: anchor + 1].tolist()})  # fmt: skip
+
+    greedy, sampled = request("g", SamplingParams()), request("s", SamplingParams(temperature=1.0))
+    for req in (greedy, sampled):
+        proposer.observe(req, recorded.features[:anchor])
+    drafts = proposer.propose([greedy, sampled], [GAMMA, GAMMA])
+    raw = random_drafter  # same weights, unpacked, no calibration
+    with torch.no_grad():
+        features = raw.context_features(recorded.features[:anchor])
+        context = [raw.context_keys_values(features, torch.arange(anchor))]
+        anchors, positions = recorded.token_ids[anchor : anchor + 1], torch.tensor([anchor])
+        hidden = raw.backbone(anchors, positions, context, [GAMMA], [None])[0]
+        prev, expected = recorded.token_ids[anchor], []
+        for k, token in enumerate(drafts[0].tokens):
+            logit = raw.confidence_logit(hidden[k : k + 1], raw.markov_embedding(torch.tensor([prev])))
+            expected.append(scalings[k].apply(logit[0]))
+            prev = token
+    torch.testing.assert_close(drafts[0].confidences, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert drafts[1].confidences.shape == (GAMMA,)
+    assert not torch.allclose(drafts[1].confidences, drafts[0].confidences)  # the sampled scalings differ

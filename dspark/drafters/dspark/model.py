@@ -248,13 +248,39 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
         self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
         self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+        # Inference only (`pack`): one matmul for q/k/v of the block rows, one for k/v of context rows.
+        self.qkv_packed: Linear | None = None
+        self.kv_packed: Linear | None = None
+
+    def pack(self) -> None:
+        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        self.qkv_packed = _packed_linear(torch.cat((q, k, v)).detach())
+        self.kv_packed = _packed_linear(torch.cat((k, v)).detach())
+        self.o_proj = _packed_linear(self.o_proj.weight.detach())
+
+    def _project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_packed is not None:
+            return self.kv_packed(x).split(self.cfg.num_key_value_heads * self.cfg.head_dim, dim=-1)
+        return self.k_proj(x), self.v_proj(x)
+
+    def _rotated_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(self.k_norm(k.view(k.shape[0], -1, self.cfg.head_dim)), cos, sin)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normalised, rotated keys and values [rows, kv_heads, head_dim] of `x` (block rows after the
         input norm, or context features: vLLM applies k_norm to the injected keys too)."""
-        shape = (x.shape[0], self.cfg.num_key_value_heads, self.cfg.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
-        return k, self.v_proj(x).view(shape)
+        k, v = self._project_kv(x)
+        return self._rotated_keys(k, cos, sin), v.view(x.shape[0], -1, self.cfg.head_dim)
+
+    def _queries_keys_values(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        cfg = self.cfg
+        if self.qkv_packed is not None:
+            kv_size = cfg.num_key_value_heads * cfg.head_dim
+            q, k, v = self.qkv_packed(h).split([cfg.num_attention_heads * cfg.head_dim, kv_size, kv_size], -1)
+        else:
+            q, (k, v) = self.q_proj(h), self._project_kv(h)
+        q = apply_rope(self.q_norm(q.view(-1, cfg.num_attention_heads, cfg.head_dim)), cos, sin)
+        return q, self._rotated_keys(k, cos, sin), v.view(h.shape[0], -1, cfg.head_dim)
 
     def forward(
         self,
@@ -267,9 +293,7 @@ class DraftAttention(nn.Module):
     ) -> torch.Tensor:
         """h: [rows, d], the blocks of several groups stacked; group i has `block_sizes[i]` rows and
         attends to context[i] = (keys, values) and to its own rows, under masks[i] (None: all visible)."""
-        cfg = self.cfg
-        q = apply_rope(self.q_norm(self.q_proj(h).view(-1, cfg.num_attention_heads, cfg.head_dim)), cos, sin)
-        k, v = self.keys_values(h, cos, sin)
+        q, k, v = self._queries_keys_values(h, cos, sin)
         outs, start = [], 0
         for (ctx_k, ctx_v), n, mask in zip(context, block_sizes, masks, strict=True):
             rows = slice(start, start + n)
@@ -289,9 +313,18 @@ class DraftMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_packed: Linear | None = None  # inference only (`pack`): one matmul for gate and up
+
+    def pack(self) -> None:
+        self.gate_up_packed = _packed_linear(torch.cat((self.gate_proj.weight, self.up_proj.weight)).detach())
+        self.down_proj = _packed_linear(self.down_proj.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_packed is not None:
+            gate, up = self.gate_up_packed(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DraftLayer(nn.Module):
@@ -439,11 +472,17 @@ class DSparkDrafter(nn.Module):
         return self.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
 
     def pack_for_inference(self) -> None:
-        """Use the engine's CPU matmul kernels (drafting multiplies a handful of rows); no autograd after."""
-        for module in list(self.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, _packed_linear(child.weight, child.bias))
+        """Use the engine's CPU matmul kernels (drafting multiplies a handful of rows) with fused q/k/v and
+        gate/up projections; no autograd after. The standard tensors stay as they are (saving still works)."""
+        for layer in self.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        self.fc = _packed_linear(self.fc.weight.detach())
+        self.lm_head = _packed_linear(self.lm_head.weight.detach())
+        self.markov_head.markov_w2 = _packed_linear(self.markov_head.markov_w2.weight.detach())
+        if self.confidence_head is not None:
+            proj = self.confidence_head.proj
+            self.confidence_head.proj = _packed_linear(proj.weight.detach(), proj.bias.detach())
 
     # ---- the sequential stage and confidence --------------------------------------------------------------
 

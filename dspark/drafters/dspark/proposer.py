@@ -61,6 +61,18 @@ class DSparkProposer(Proposer):
         if next(drafter.parameters()).device.type == "cpu":
             drafter.pack_for_inference()
         self.calibration = calibration
+        # Per-position (temperature, offset) tensors of the calibration: greedy (True) and sampled requests.
+        self._scalings = (
+            {
+                greedy: (
+                    torch.tensor([x.temperature for x in calibration.scalings(greedy)]),
+                    torch.tensor([x.offset for x in calibration.scalings(greedy)]),
+                )
+                for greedy in (True, False)
+            }
+            if calibration is not None
+            else {}
+        )
         self.hidden_layers = tuple(drafter.cfg.target_layer_ids)
         self.draft_to_target = drafter.draft_to_target
         self.draft_length = drafter.draft_length
@@ -120,35 +132,51 @@ class DSparkProposer(Proposer):
     def _sample_sequentially(
         self, requests, anchors: torch.Tensor, hidden: torch.Tensor, base: torch.Tensor, steps: int, max_lens
     ) -> list[Draft]:
-        """The Markov head, left to right: position k's logits get the bias of the token drawn at k-1."""
+        """The Markov head, left to right: position k's logits get the bias of the token drawn at k-1. Only
+        the draw is sequential; the confidences of all positions come in one pass afterwards."""
         d = self.drafter
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
         sampling = params_tensors(params, [1] * len(requests))
-        tokens, probs, confidences = [], [], []
+        tokens, probs, embeddings, top_probs = [], [], [], []
         prev = anchors
         for k in range(steps):
             prev_embedding = d.markov_embedding(prev)
             logits = base[:, k] + d.transition_bias(prev_embedding)
-            confidences.append(self._confidence(hidden[:, k], prev_embedding, k, greedy))
             if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
                 dist, prev = None, self.draft_to_target[logits.argmax(-1)]
             else:
                 full = self._target_space(logits)
                 dist = processed_probs(full, *sampling)
                 prev = self._draw(full, dist, requests, greedy)
-            if confidences[-1] is None:  # a checkpoint without a confidence head: the draft's own probability
-                confidences[-1] = torch.softmax(logits.float(), -1).max(-1).values
+            if d.confidence_head is None:  # no confidence head: the draft's own probability stands in
+                top_probs.append(torch.softmax(logits.float(), -1).max(-1).values)
             tokens.append(prev)
             probs.append(dist)
+            embeddings.append(prev_embedding)
+        token_ids = torch.stack(tokens, 1).tolist()
+        if top_probs:
+            confidences = torch.stack(top_probs, 1)
+        else:
+            confidences = self._confidences(hidden[:, :steps], torch.stack(embeddings, 1), greedy)
         return [
             Draft(
-                tokens=[int(t[i]) for t in tokens[: max_lens[i]]],
+                tokens=token_ids[i][: max_lens[i]],
                 probs=None if greedy[i] else torch.stack([p[i] for p in probs[: max_lens[i]]]),
-                confidences=torch.stack([c[i] for c in confidences[: max_lens[i]]]),
+                confidences=confidences[i, : max_lens[i]],
             )
             for i in range(len(requests))
         ]
+
+    def _confidences(self, hidden: torch.Tensor, embeddings: torch.Tensor, greedy: list[bool]):
+        """[requests, steps] calibrated confidences (each request's greedy or sampled scalings)."""
+        logits = self.drafter.confidence_logit(hidden, embeddings)
+        if self.calibration is None:
+            return torch.sigmoid(logits)
+        steps = logits.shape[1]
+        temperature = torch.stack([self._scalings[g][0][:steps] for g in greedy])
+        offset = torch.stack([self._scalings[g][1][:steps] for g in greedy])
+        return torch.sigmoid(logits / temperature + offset)
 
     def _target_space(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits scattered into the target's vocabulary (-inf elsewhere)."""
@@ -164,11 +192,3 @@ class DSparkProposer(Proposer):
             if not greedy[i]:
                 drawn[i] = torch.multinomial(dist[i], 1, generator=r.generator)[0]
         return drawn
-
-    def _confidence(self, hidden: torch.Tensor, prev_embedding: torch.Tensor, k: int, greedy: list[bool]):
-        logit = self.drafter.confidence_logit(hidden, prev_embedding)
-        if logit is None:
-            return None
-        if self.calibration is None:
-            return torch.sigmoid(logit)
-        return torch.stack([self.calibration.scalings(g)[k].apply(logit[i]) for i, g in enumerate(greedy)])
