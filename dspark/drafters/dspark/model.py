@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from dspark.models.config import ModelConfig
@@ -87,14 +87,7 @@ class DrafterConfig(BaseModel):
     @classmethod
     def for_target(cls, target: ModelConfig, **overrides: Any) -> DrafterConfig:
         """A drafter with the target's widths (what DeepSeek's released drafters use)."""
-        fields: dict[str, Any] = dict(
-            hidden_size=target.hidden_size, num_attention_heads=target.num_heads,
-            num_key_value_heads=target.num_kv_heads, head_dim=target.head_dim,
-            intermediate_size=target.intermediate_size, rms_norm_eps=target.rms_norm_eps,
-            max_position_embeddings=target.max_position_embeddings, vocab_size=target.vocab_size,
-            rope_theta=target.rope_theta, rope_scaling=target.rope_scaling,
-        )  # fmt: skip
-        return cls(**(fields | overrides))
+        return cls(**(_backbone_fields(target) | overrides))
 
     # ---- config.json ------------------------------------------------------------------------------------
 
@@ -105,28 +98,24 @@ class DrafterConfig(BaseModel):
             raise DrafterConfigError("target_layer_ids", "this is the project's pre-standard drafter format "
                                      "(it has `target_layers`); retrain it with `dspark train`")  # fmt: skip
         _expect(hf, "model_type", ("qwen3",))
-        _expect(hf, "hidden_act", ("silu",), default="silu")
         _expect(hf, "markov_head_type", ("vanilla",), default="vanilla")
         if hf.get("attention_bias", False):
             raise DrafterConfigError("attention_bias", "draft attention with biases is not supported")
         layer_types = hf.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            raise DrafterConfigError("layer_types", f"only full (in-block bidirectional) attention is "
-                                     f"supported, got {sorted(set(layer_types))}")  # fmt: skip
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise DrafterConfigError("rope_parameters", f"rope type {rope_type!r} is not supported")
-        num_heads = _required(hf, "num_attention_heads")
-        fields = dict(
-            num_hidden_layers=_required(hf, "num_hidden_layers"), hidden_size=_required(hf, "hidden_size"),
-            num_attention_heads=num_heads, num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or _required(hf, "hidden_size") // num_heads,
-            intermediate_size=_required(hf, "intermediate_size"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 40960),
-            vocab_size=_required(hf, "vocab_size"),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", VLLM_DEFAULT_ROPE_THETA)),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            message = f"only full (bidirectional in-block) attention is supported: {sorted(set(layer_types))}"
+            raise DrafterConfigError("layer_types", message)
+        # The backbone is a Qwen3 decoder config, read as the target's are; vLLM's defaults where they differ.
+        try:
+            backbone = ModelConfig.from_hf_dict(
+                {"rope_theta": VLLM_DEFAULT_ROPE_THETA, "max_position_embeddings": 40960} | hf
+            )
+        except KeyError as err:
+            raise DrafterConfigError(str(err.args[0]), "missing from the drafter's config.json") from err
+        except ValueError as err:  # "hidden_act 'gelu' is not supported", "rope type 'yarn' is not ..."
+            field = "rope_parameters" if str(err).startswith("rope") else str(err).split(" ")[0]
+            raise DrafterConfigError(field, str(err)) from err
+        dspark = dict(
             block_size=_required(hf, "block_size"), mask_token_id=_required(hf, "mask_token_id"),
             target_layer_ids=_required(hf, "target_layer_ids"), markov_rank=_required(hf, "markov_rank"),
             enable_confidence_head=hf.get("enable_confidence_head", False),
@@ -135,11 +124,11 @@ class DrafterConfig(BaseModel):
             sample_from_anchor=hf.get("sample_from_anchor", True),
         )  # fmt: skip
         try:
-            cfg = cls(**fields)
-        except ValueError as err:
-            first = err.errors()[0] if hasattr(err, "errors") else {}
-            field = ".".join(str(p) for p in first.get("loc", ())) or "config.json"
-            raise DrafterConfigError(field, first.get("msg", str(err))) from err
+            cfg = cls(**(_backbone_fields(backbone) | {"num_hidden_layers": backbone.num_layers} | dspark))
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "config.json"
+            raise DrafterConfigError(field, first["msg"]) from err
         cfg.check_self_consistent()
         return cfg
 
@@ -213,6 +202,22 @@ class DrafterConfig(BaseModel):
             **({"draft_vocab_size": self.draft_vocab_size} if self.reduced_vocab else {}),
             **({"target_hidden_size": self.target_hidden_size} if self.target_hidden_size else {}),
         }
+
+
+def _backbone_fields(model: ModelConfig) -> dict[str, Any]:
+    """The decoder widths of a model config, as drafter config fields."""
+    return {
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "intermediate_size": model.intermediate_size,
+        "rms_norm_eps": model.rms_norm_eps,
+        "max_position_embeddings": model.max_position_embeddings,
+        "vocab_size": model.vocab_size,
+        "rope_theta": model.rope_theta,
+        "rope_scaling": model.rope_scaling,
+    }
 
 
 def _required(hf: dict[str, Any], field: str) -> Any:
