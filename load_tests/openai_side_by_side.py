@@ -569,9 +569,15 @@ def _run_main(argv: list[str]) -> int:
         parser.error(str(err))
     if args.output_run and len(config.endpoints) > 1 and "{name}" not in args.output_run:
         parser.error("--output-run with several endpoints needs {name} in the path")
+    errors = (openai.OpenAIError, FileNotFoundError, ValueError)
+    return _finish(lambda: asyncio.run(_run_all(config, args.output_run)), errors, args)
+
+
+def _finish(build, errors: tuple[type[BaseException], ...], args: argparse.Namespace) -> int:
+    """Build the report, print its summary and write its files; an expected error exits 2 with its message."""
     try:
-        report = asyncio.run(_run_all(config, args.output_run))
-    except (openai.OpenAIError, FileNotFoundError, ValueError) as err:
+        report = build()
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary(), flush=True)
@@ -585,15 +591,11 @@ def _combine_main(argv: list[str]) -> int:
     parser.add_argument("--output", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args(argv)
-    try:
-        reports = [EndpointReport.model_validate_json(Path(p).read_text()) for p in args.runs]
-        report = combine(reports)
-    except (OSError, ValidationError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.summary(), flush=True)
-    write_outputs(report, args.output, args.png)
-    return 0
+
+    def build() -> SideBySideReport:
+        return combine([EndpointReport.model_validate_json(Path(p).read_text()) for p in args.runs])
+
+    return _finish(build, (OSError, ValidationError, ValueError), args)
 
 
 def _wait_main(argv: list[str]) -> int:
