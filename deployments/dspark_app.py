@@ -60,7 +60,9 @@ class DSparkEngine:
         cfg = ServeConfig.model_validate(config)
         self.workers = start_replica(cfg)
         self.monitor = ServingMonitor(RayMetricsSink())
-        self.engine = AsyncEngine(self.workers.engine, self.monitor, cfg.max_queued_requests)
+        self.engine = AsyncEngine(
+            self.workers.engine, self.monitor, cfg.max_queued_requests, cfg.stream_interval_s
+        )
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[RequestOutput]:
         stream = self.engine.generate(

@@ -18,7 +18,7 @@ from dspark.drafters.dspark.proposer import DSparkProposer
 from dspark.engine import Engine, EngineConfig
 from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
-from dspark.proposers import NgramProposer, Proposer, TargetObserver
+from dspark.proposers import HybridProposer, NgramProposer, Proposer, TargetObserver
 from dspark.runtime import set_threads
 from dspark.scheduling import VerificationPolicy, build_policy
 from dspark.scheduling.cost_profile import (
@@ -35,6 +35,11 @@ ProposerFactory = Callable[[EngineConfig, Transformer], Proposer]
 PROPOSERS: dict[str, ProposerFactory] = {
     "ngram": lambda config, _: NgramProposer(config.ngram.min_n, config.ngram.max_n),
     "dspark": lambda config, model: DSparkProposer.load(resolve_drafter_dir(config.drafter), model),
+    "hybrid": lambda config, model: HybridProposer(
+        NgramProposer(config.ngram.min_n, config.ngram.max_n),
+        DSparkProposer.load(resolve_drafter_dir(config.drafter), model),
+        config.ngram.hybrid_min_match,
+    ),
 }
 
 

@@ -40,6 +40,7 @@ class BenchConfig(BaseModel):
     drafters: list[str] = Field(
         [], description="DSpark drafter folders compared ('default': the shipped one), each at its block size"
     )
+    hybrid: bool = Field(False, description="also each drafter behind prompt lookup (proposer hybrid)")
     policies: list[PolicyName] = Field(
         ["fixed"], description="verification policies of every speculative method"
     )
@@ -139,6 +140,10 @@ def run_bench(config: BenchConfig) -> dict:
         spec_engines |= {  # each drafter at its own block size
             _policy_label(_drafter_label(d), policy): engine("dspark", None, d, policy)
             for d in config.drafters
+        }
+        spec_engines |= {
+            _policy_label("hybrid_" + _drafter_label(d), policy): engine("hybrid", None, d, policy)
+            for d in (config.drafters if config.hybrid else [])
         }
     runners |= {name: _engine_runner(e, config.max_tokens) for name, e in spec_engines.items()}
     if config.compare_transformers:

@@ -160,3 +160,18 @@ def test_requests_after_shutdown_are_refused():
                 pass
 
     asyncio.run(asyncio.wait_for(main(), timeout=5))
+
+
+def test_stream_interval_merges_steps_but_not_the_first_or_last_message():
+    engine = AsyncEngine(SlowEngine(), stream_interval_s=STEP_S * 1.5)  # type: ignore[arg-type]
+
+    async def main():
+        return [out async for out in engine.generate("hi")]
+
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    # token 1 at once; token 2 one step later is held (within the interval); the final step carries it
+    assert [o.token_ids for o in outputs] == [[1], [2, 3]]
+    assert outputs[-1].finished and "".join(o.text for o in outputs) == "xxx"

@@ -178,3 +178,31 @@ def test_resume_state_is_safetensors_and_json_and_resumes_exactly(tmp_path):
     path.write_text(path.read_text().replace(state.tensors_file, "../elsewhere.safetensors"))
     with pytest.raises(ValueError, match="tensors_file"):
         load_train_state(path, *_toy())
+
+
+def test_position_decay_sets_the_weight_curve():
+    assert torch.allclose(position_weights(7), torch.exp(-torch.arange(7.0) / 7))
+    four = position_weights(7, decay=4)
+    assert torch.allclose(four, torch.exp(-torch.arange(7.0) / 4))
+    assert four[-1] < position_weights(7)[-1]  # a shorter decay weighs late positions less
+
+
+def test_init_from_target_copies_the_last_layers(default_model):
+    from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
+    from dspark.training.train import copy_target_layers
+
+    cfg = DrafterConfig.for_target(default_model.cfg, target_layer_ids=[2, 29], num_hidden_layers=2,
+                                   block_size=4, markov_rank=8, mask_token_id=16)  # fmt: skip
+    drafter = DSparkDrafter(cfg)
+    copy_target_layers(drafter, default_model)
+    t = default_model.cfg
+    for layer, source in zip(drafter.layers, default_model.layers[-2:], strict=True):
+        q, k, v = source.attn.wqkv.weight.split([t.q_size, t.kv_size, t.kv_size])
+        gate, up = source.mlp.w_gate_up.weight.chunk(2)
+        attn, mlp = layer.self_attn, layer.mlp
+        assert torch.equal(attn.q_proj.weight, q) and torch.equal(attn.k_proj.weight, k)
+        assert torch.equal(attn.v_proj.weight, v) and torch.equal(attn.o_proj.weight, source.attn.wo.weight)
+        assert torch.equal(mlp.gate_proj.weight, gate) and torch.equal(mlp.up_proj.weight, up)
+        assert torch.equal(mlp.down_proj.weight, source.mlp.w_down.weight)
+        assert torch.equal(layer.input_layernorm.weight, source.attn_norm)
+        assert torch.equal(layer.post_attention_layernorm.weight, source.mlp_norm)

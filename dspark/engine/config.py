@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dspark.scheduling.policies import VerificationConfig
 
-ProposerName = Literal["none", "ngram", "dspark"]
+ProposerName = Literal["none", "ngram", "dspark", "hybrid"]
 
 
 class NgramConfig(BaseModel):
@@ -16,6 +16,10 @@ class NgramConfig(BaseModel):
 
     min_n: int = Field(1, ge=1, description="shortest suffix n-gram looked up")
     max_n: int = Field(4, ge=1, description="longest suffix n-gram looked up (tried first)")
+    hybrid_min_match: int = Field(
+        2, ge=1, description="proposer hybrid: a request whose suffix matched this many tokens keeps its "
+        "n-gram draft and skips the drafter",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _ordered(self) -> NgramConfig:
@@ -33,7 +37,10 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="KV-cache slots = concurrently running requests")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     max_tokens_per_step: int = Field(512, ge=16, description="token budget of one forward (chunks prefill)")
-    proposer: ProposerName = Field("ngram", description="draft proposer; 'none' switches speculation off")
+    proposer: ProposerName = Field(
+        "ngram", description="draft proposer ('hybrid': n-gram, else the DSpark drafter); 'none' switches "
+        "speculation off",
+    )  # fmt: skip
     num_speculative_tokens: int | None = Field(
         None, ge=1, le=64,
         description="draft length gamma, the most a policy may verify (default: the proposer's own: the "

@@ -10,30 +10,89 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+constexpr int64_t kMaxHeadDim = 256;
+
+// exp of 8 floats (Cephes' expf polynomial on a range reduction by ln 2; relative error ~1e-7, like expf):
+// softmax over a few hundred keys per row spent most of its time in scalar std::exp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
 }
 
-// One query row against keys/values [0, length): o += softmax(q.K^T * scale) V. p: scratch of >= length.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return hsum(acc);
+}
+
+// q . K[j] for 8 consecutive keys, as one vector: eight accumulators reduced together by a transpose of
+// horizontal adds, instead of a full horizontal reduction per key.
+inline __m256 dot8(const float* q, const float* K, int64_t d) {
+  __m256 acc[8];
+  for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + k * d + c), acc[k]);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// One query row against keys/values [0, length): o += softmax(q.K^T * scale) V. p: scratch of >= length + 8.
 inline void attend_row(const float* qv, const float* K, const float* V, int64_t length, int64_t d, float scale,
                        float* p, float* o) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= length; j += 8) {
+    const __m256 s = _mm256_mul_ps(dot8(qv, K + j * d, d), vscale);
+    _mm256_storeu_ps(p + j, s);
+    vmax = _mm256_max_ps(vmax, s);
+  }
   float max_score = -INFINITY;
-  for (int64_t j = 0; j < length; ++j) {
-    p[j] = dot(qv, K + j * d, d) * scale;
-    max_score = std::max(max_score, p[j]);
+  for (; j < length; ++j) max_score = std::max(max_score, p[j] = dot(qv, K + j * d, d) * scale);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float lane : lanes) max_score = std::max(max_score, lane);
+  // exp in blocks of 8 (the tail padded with -inf, whose exp is 0); padded slots are never read back.
+  for (int64_t t = length; t < ((length + 7) / 8) * 8; ++t) p[t] = -INFINITY;
+  const __m256 vm = _mm256_set1_ps(max_score);
+  __m256 vtotal = _mm256_setzero_ps();
+  for (j = 0; j < length; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    vtotal = _mm256_add_ps(vtotal, e);
   }
-  float total = 0.f;
-  for (int64_t j = 0; j < length; ++j) total += (p[j] = std::exp(p[j] - max_score));
-  for (int64_t j = 0; j < length; ++j) {
-    const float pj = p[j] / total;
+  const float inv_total = 1.0f / hsum(vtotal);
+  __m256 acc[kMaxHeadDim / 8];
+  const int64_t blocks = d / 8;
+  for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm256_loadu_ps(o + 8 * b);
+  for (j = 0; j < length; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j] * inv_total);
     const float* vj = V + j * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += pj * vj[c];
+    for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * b), acc[b]);
   }
+  for (int64_t b = 0; b < blocks; ++b) _mm256_storeu_ps(o + 8 * b, acc[b]);
 }
 
 }  // namespace
@@ -66,12 +125,12 @@ torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k,
   TORCH_CHECK(q_in.scalar_type() == torch::kFloat32 && q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3);
   const torch::Tensor q = q_in.contiguous();
   const int64_t heads = q.size(0), rows = q.size(1), d = q.size(2);
-  TORCH_CHECK(n > 0 && rows % n == 0 && d % 8 == 0 && k.size(1) >= start + n && v.size(1) >= start + n);
+  TORCH_CHECK(n > 0 && rows % n == 0 && d % 8 == 0 && d <= kMaxHeadDim && k.size(1) >= start + n && v.size(1) >= start + n);
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == d && v.stride(1) == d,
               "cache rows must be contiguous");
   torch::Tensor out = torch::zeros_like(q);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> p(start + n);
+  std::vector<float> p(start + n + 8);
   for (int64_t h = 0; h < heads; ++h) {
     const float* K = k.data_ptr<float>() + h * k.stride(0);
     const float* V = v.data_ptr<float>() + h * v.stride(0);
@@ -98,7 +157,7 @@ torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k
   const torch::Tensor layout = layout_in.to(torch::kInt64).contiguous();
   const int64_t T = q.size(0), H = q.size(1), d = q.size(2), Hkv = k_new.size(1), R = layout.size(0);
   const int64_t max_len = k_cache.size(2), group = H / Hkv;
-  TORCH_CHECK(d % 8 == 0 && H % Hkv == 0 && k_cache.size(1) == Hkv && k_cache.size(3) == d);
+  TORCH_CHECK(d % 8 == 0 && d <= kMaxHeadDim && H % Hkv == 0 && k_cache.size(1) == Hkv && k_cache.size(3) == d);
   const int64_t* L = layout.data_ptr<int64_t>();
   std::vector<int64_t> offsets(R + 1, 0);
   for (int64_t r = 0; r < R; ++r) {
@@ -131,7 +190,7 @@ torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k
       const int64_t slot = L[3 * r], start = L[3 * r + 1], n = L[3 * r + 2];
       const float* K = KC + (slot * Hkv + h / group) * max_len * d;
       const float* V = VC + (slot * Hkv + h / group) * max_len * d;
-      p.resize(start + n);
+      p.resize(start + n + 8);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = (offsets[r] + i) * H + h;
         attend_row(Q + row * d, K, V, start + i + 1, d, scale, p.data(), O + row * d);

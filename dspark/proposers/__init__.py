@@ -1,6 +1,9 @@
-"""Draft proposers: the interface, and model-free prompt lookup (draft models live in dspark.drafters)."""
+"""Draft proposers: the interface, model-free prompt lookup, and lookup before a draft model (hybrid).
+
+Draft models live in dspark.drafters."""
 
 from dspark.proposers.base import Draft, DraftRequest, Proposer, TargetObserver
+from dspark.proposers.hybrid import HybridProposer
 from dspark.proposers.ngram import NgramProposer
 
-__all__ = ["Draft", "DraftRequest", "NgramProposer", "Proposer", "TargetObserver"]
+__all__ = ["Draft", "DraftRequest", "HybridProposer", "NgramProposer", "Proposer", "TargetObserver"]

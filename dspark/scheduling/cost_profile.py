@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 3  # bump when kernels or the step's code path change what a step costs
+PROFILE_VERSION = 4  # bump when kernels or the step's code path change what a step costs
 
 
 class CostProfile(BaseModel):
@@ -274,10 +274,14 @@ def profile_prefill(model: Transformer) -> Generator[None, None, list[float]]:
     return [ms[n] for n in PREFILL_TOKENS]
 
 
+OBSERVED_ROWS = 2  # committed rows per request and step a conditioned proposer observes while profiled
+
+
 def profile_proposer(
     proposer: Proposer | None, model: Transformer, counts: Sequence[int], num_speculative_tokens: int
 ) -> Generator[None, None, list[float]]:
-    """Median ms of one propose call for n requests of filler context (drafts of the longest length)."""
+    """Median ms of one step's proposer work for n requests of filler context: observing the committed
+    rows (conditioned drafters) and one propose call (drafts of the longest length)."""
     if proposer is None:
         return [0.0] * len(counts)
     requests = [
@@ -290,11 +294,19 @@ def profile_proposer(
             features = torch.randn(PROFILE_CONTEXT - 1, model.cfg.hidden_size * len(layers))
             proposer.observe(r, features)
     max_len = max(num_speculative_tokens, 1)
+
+    def step(n: int) -> None:
+        """What a speculating step costs the proposer: observing the rows the last step committed (two per
+        request: the bonus token and one accepted draft), then drafting."""
+        for r in requests[:n]:
+            if layers:
+                proposer.observe(r, torch.randn(OBSERVED_ROWS, model.cfg.hidden_size * len(layers)))
+            r.token_ids += torch.randint(0, model.cfg.vocab_size, (OBSERVED_ROWS,)).tolist()
+        proposer.propose(requests[:n], [max_len] * n)
+
     try:
-        proposer.propose(requests[:1], [max_len])  # warm-up
-        ms = yield from _interleaved_medians(
-            {n: lambda n=n: proposer.propose(requests[:n], [max_len] * n) for n in counts}
-        )
+        step(1)  # warm-up
+        ms = yield from _interleaved_medians({n: lambda n=n: step(n) for n in counts})
         return [ms[n] for n in counts]
     finally:
         for r in requests:

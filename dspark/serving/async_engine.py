@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,11 +56,16 @@ class EngineStopped(UnavailableError):
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, monitor: ServingMonitor | None = None, max_queued_requests: int = 64
+        self,
+        engine: Engine,
+        monitor: ServingMonitor | None = None,
+        max_queued_requests: int = 64,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.monitor = monitor
         self.max_queued_requests = max_queued_requests
+        self.stream_interval_s = stream_interval_s
         self._lock = threading.Lock()  # held by the engine thread around every step and command
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._work = threading.Event()
@@ -112,14 +119,20 @@ class AsyncEngine:
         except asyncio.CancelledError:  # the caller left while the request was being added: undo it
             admitted.add_done_callback(_abort_when_added(self))
             raise
-        finished = False
+        finished, held, last_sent = False, None, -math.inf
         try:
             while not finished:
                 item = _coalesced(await stream.queue.get(), stream.queue)
                 if isinstance(item, BaseException):
                     raise EngineStopped(f"engine loop failed: {item}") from item
                 finished = item.finished
-                yield item
+                held = item if held is None else _merged(held, item)
+                # The first output goes at once (time to first token); later ones at most every
+                # stream_interval_s, so a message carries several steps' tokens (the last one never waits).
+                now = time.monotonic()
+                if finished or now - last_sent >= self.stream_interval_s:
+                    last_sent, out, held = now, held, None
+                    yield out
         finally:
             self._streams.pop(rid, None)
             if not finished:  # the consumer left early: free the slot at the next step
@@ -267,7 +280,12 @@ def _coalesced(item: RequestOutput | BaseException, queue: asyncio.Queue) -> Req
         following = queue.get_nowait()
         if isinstance(following, BaseException):
             return following
-        item = following.model_copy(
-            update={"token_ids": item.token_ids + following.token_ids, "text": item.text + following.text}
-        )
+        item = _merged(item, following)
     return item
+
+
+def _merged(first: RequestOutput, following: RequestOutput) -> RequestOutput:
+    """One output for two consecutive ones of a request (the later one's status and counts)."""
+    return following.model_copy(
+        update={"token_ids": first.token_ids + following.token_ids, "text": first.text + following.text}
+    )

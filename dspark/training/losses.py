@@ -20,8 +20,9 @@ class LossWeights:
     confidence: float = 1.0
 
 
-def position_weights(gamma: int) -> torch.Tensor:
-    return torch.exp(-torch.arange(gamma, dtype=torch.float32) / gamma)
+def position_weights(gamma: int, decay: float | None = None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/decay) for k = 1..gamma; the decay defaults to gamma (DeepSpec uses 4 at gamma 7)."""
+    return torch.exp(-torch.arange(gamma, dtype=torch.float32) / (decay or gamma))
 
 
 def target_distribution(topk_ids: torch.Tensor, topk_probs: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -43,11 +44,12 @@ def drafter_loss(
     target_probs: torch.Tensor,
     valid: torch.Tensor,
     weights: LossWeights = LossWeights(),  # noqa: B008 - frozen defaults
+    decay: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """logits [blocks, gamma, V]; confidence_logits, labels (draft ids, V = outside), valid: [blocks, gamma];
     target_probs [blocks, gamma, V]. Returns the loss and its parts (floats, for logging)."""
     vocab = logits.shape[-1]
-    w = position_weights(logits.shape[1]).to(logits.device) * valid
+    w = position_weights(logits.shape[1], decay).to(logits.device) * valid
     norm = valid.shape[0]
     log_q = torch.log_softmax(logits.float(), dim=-1)
     in_vocab = labels < vocab

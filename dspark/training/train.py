@@ -47,6 +47,12 @@ class TrainConfig(BaseModel):
     block_size: int = Field(7, ge=1)
     markov_rank: int = Field(64, ge=1)
     markov_head: bool = Field(True, description="False: the Markov head stays zero (a DFlash-style ablation)")
+    init_from_target: bool = Field(
+        False, description="start the draft layers from copies of the target's last layers (same widths)"
+    )
+    position_decay: float | None = Field(
+        None, gt=0, description="loss weight exp(-(k-1)/decay) per block position (None: the block size)"
+    )
     draft_vocab_size: int | None = Field(
         8192, ge=2, description="reduced output vocabulary: the ids the target emits most (None: full)"
     )
@@ -102,9 +108,37 @@ def new_drafter(cfg: TrainConfig, target: Transformer, train_set: list[Sequence]
         drafter.set_draft_vocab(vocab)
     drafter.attach_target(target.embed, target.lm_head.weight)
     drafter.init_norm_for_training()
+    if cfg.init_from_target:
+        copy_target_layers(drafter, target)
     if not cfg.markov_head:
         drafter.markov_head.markov_w2.requires_grad_(False)  # stays zero: no transition bias
     return drafter
+
+
+@torch.no_grad()
+def copy_target_layers(drafter: DSparkDrafter, target: Transformer) -> None:
+    """Draft layer i <- target layer L-n+i: attention and MLP projections and both pre-norms. The target has
+    no per-head q/k norm (Llama), so those stay at one; training adapts the attention scale."""
+    n, cfg = len(drafter.layers), drafter.cfg
+    if (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) != (
+        target.cfg.hidden_size, target.cfg.intermediate_size, target.cfg.num_heads, target.cfg.num_kv_heads,
+    ):  # fmt: skip
+        raise ValueError("init_from_target needs draft layers as wide as the target's")
+    for layer, source in zip(drafter.layers, target.layers[-n:], strict=True):
+        q, k, v = source.attn.wqkv.weight.split([target.cfg.q_size, target.cfg.kv_size, target.cfg.kv_size])
+        gate, up = source.mlp.w_gate_up.weight.chunk(2)
+        pairs = [
+            (layer.self_attn.q_proj.weight, q), (layer.self_attn.k_proj.weight, k),
+            (layer.self_attn.v_proj.weight, v), (layer.self_attn.o_proj.weight, source.attn.wo.weight),
+            (layer.mlp.gate_proj.weight, gate), (layer.mlp.up_proj.weight, up),
+            (layer.mlp.down_proj.weight, source.mlp.w_down.weight),
+            (layer.input_layernorm.weight, source.attn_norm),
+            (layer.post_attention_layernorm.weight, source.mlp_norm),
+        ]  # fmt: skip
+        for dst, src in pairs:
+            dst.copy_(src)
+    first = len(target.layers) - n
+    log.info("draft layers initialised from target layers %d..%d", first, first + n - 1)
 
 
 @torch.no_grad()
@@ -187,7 +221,7 @@ def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out
             scores = score_blocks(drafter, seq, batch)
             loss, parts = drafter_loss(
                 scores.logits, scores.confidence_logits, drafter.target_to_draft[batch.labels.to(device)],
-                batch.target_probs.to(device), batch.valid.to(device),
+                batch.target_probs.to(device), batch.valid.to(device), decay=cfg.position_decay,
             )  # fmt: skip
             (loss / cfg.sequences_per_step).backward()
             parts_sum.update({k: v / cfg.sequences_per_step for k, v in parts.items()})

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from dspark.kernels import native_ops
 from dspark.models.config import ModelConfig
 from dspark.models.linear import Linear
 from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -242,6 +243,60 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     return linear
 
 
+class _PackedRMSNorm(nn.Module):
+    """Inference RMSNorm over the last dim in one native call (nn.RMSNorm dispatches ~5 ops on the CPU);
+    same `weight` name, so saving after packing still writes the standard tensors."""
+
+    def __init__(self, norm: nn.RMSNorm, eps: float, native) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm.weight.detach(), requires_grad=False)
+        self.eps = norm.eps if norm.eps is not None else eps
+        self.native = native
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is None or x.dtype != torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.native.rms_norm_rows(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+
+
+class ContextBuffer:
+    """One draft layer's injected keys/values of one request at inference: [kv_heads, capacity, head_dim]
+    buffers holding the context in rows [0, length), growing by doubling, plus room for one block after it."""
+
+    def __init__(self, kv_heads: int, head_dim: int, block_rows: int, like: torch.Tensor) -> None:
+        self.length = 0
+        self.block_rows = block_rows
+        self.keys = like.new_empty(kv_heads, 256, head_dim)
+        self.values = like.new_empty(kv_heads, 256, head_dim)
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self.keys.shape[1]:
+            return
+        capacity = max(2 * self.keys.shape[1], rows)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = old.new_empty(old.shape[0], capacity, old.shape[2])
+            grown[:, : self.length] = old[:, : self.length]
+            setattr(self, name, grown)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Context rows k, v [n, kv_heads, head_dim] after the ones held."""
+        end = self.length + k.shape[0]
+        self._reserve(end + self.block_rows)
+        self.keys[:, self.length : end] = k.transpose(0, 1)
+        self.values[:, self.length : end] = v.transpose(0, 1)
+        self.length = end
+
+    def write_block(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """A block's keys/values [rows, kv_heads, head_dim] after the context (not kept); returns where
+        the keys a block row sees end."""
+        end = self.length + k.shape[0]
+        self._reserve(end)
+        self.keys[:, self.length : end] = k.transpose(0, 1)
+        self.values[:, self.length : end] = v.transpose(0, 1)
+        return end
+
+
 class DraftAttention(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
@@ -286,6 +341,26 @@ class DraftAttention(nn.Module):
             q, (k, v) = self.q_proj(h), self._project_kv(h)
         q = apply_rope(self.q_norm(q.view(-1, cfg.num_attention_heads, cfg.head_dim)), cos, sin)
         return q, self._rotated_keys(k, cos, sin), v.view(h.shape[0], -1, cfg.head_dim)
+
+    def attend_buffers(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, buffers: list[ContextBuffer], rows: int
+    ) -> torch.Tensor:
+        """Inference: request r's block (rows r*rows..) attends to its context and to its own block, all
+        of it visible. Its keys/values go to the buffer rows just past the context (scratch, overwritten
+        when the context grows), so attention reads one contiguous run of keys: no concatenation, and the
+        query heads sharing a KV head are stacked instead of repeating the keys."""
+        cfg = self.cfg
+        q, k, v = self._queries_keys_values(h, cos, sin)
+        group, d = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+        outs = []
+        for r, buf in enumerate(buffers):
+            block = slice(r * rows, (r + 1) * rows)
+            end = buf.write_block(k[block], v[block])
+            qg = q[block].view(rows, -1, group, d).permute(1, 2, 0, 3).reshape(-1, group * rows, d)
+            scores = torch.bmm(qg, buf.keys[:, :end].transpose(1, 2)).mul_(d**-0.5)
+            out = torch.bmm(torch.softmax(scores, dim=-1), buf.values[:, :end])
+            outs.append(out.view(-1, group, rows, d).permute(2, 0, 1, 3).reshape(rows, -1))
+        return self.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
 
     def forward(
         self,
@@ -473,15 +548,47 @@ class DSparkDrafter(nn.Module):
         hidden = self.norm(x).view(len(anchors), rows, -1)
         return hidden if self.cfg.sample_from_anchor else hidden[:, 1:]
 
+    def new_context(self) -> list[ContextBuffer]:
+        """Empty per-layer key/value buffers of one request's context (inference)."""
+        kv_heads, head_dim, rows = self.cfg.num_key_value_heads, self.cfg.head_dim, self.cfg.block_size
+        like = self.layers[0].self_attn.o_proj.weight  # the dtype and device keys and values come in
+        return [ContextBuffer(kv_heads, head_dim, rows, like) for _ in self.layers]
+
+    def draft_hidden(
+        self, anchors: torch.Tensor, positions: torch.Tensor, contexts: list[list[ContextBuffer]]
+    ) -> torch.Tensor:
+        """Inference twin of `backbone` for one block per request: [requests, draft_length, d]. Request
+        r's context is contexts[r] (per layer): the injected keys/values of positions [0, positions[r])."""
+        rows = self.cfg.block_size
+        ids = torch.full((len(anchors), rows), self.cfg.mask_token_id, device=anchors.device)
+        ids[:, 0] = anchors
+        x = F.embedding(ids.flatten(), self.embed_tokens)
+        pos = (positions[:, None] + torch.arange(rows, device=positions.device)).flatten()
+        cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
+        for i, layer in enumerate(self.layers):
+            buffers = [c[i] for c in contexts]
+            x = x + layer.self_attn.attend_buffers(layer.input_layernorm(x), cos, sin, buffers, rows)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.norm(x).view(len(anchors), rows, -1)
+        return hidden if self.cfg.sample_from_anchor else hidden[:, 1:]
+
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
 
     def pack_for_inference(self) -> None:
         """Use the engine's CPU matmul kernels (drafting multiplies a handful of rows) with fused q/k/v and
-        gate/up projections; no autograd after. The standard tensors stay as they are (saving still works)."""
+        gate/up projections and one-call norms; no autograd after. The standard tensors stay as they are
+        (saving still works)."""
+        native = native_ops() if self.fc.weight.dtype == torch.float32 else None
+        eps = self.cfg.rms_norm_eps
         for layer in self.layers:
             layer.self_attn.pack()
             layer.mlp.pack()
+            for owner, name in ((layer, "input_layernorm"), (layer, "post_attention_layernorm"),
+                                (layer.self_attn, "q_norm"), (layer.self_attn, "k_norm")):  # fmt: skip
+                setattr(owner, name, _PackedRMSNorm(getattr(owner, name), eps, native))
+        self.norm = _PackedRMSNorm(self.norm, eps, native)
+        self.hidden_norm = _PackedRMSNorm(self.hidden_norm, eps, native)
         self.fc = _packed_linear(self.fc.weight.detach())
         self.lm_head = _packed_linear(self.lm_head.weight.detach())
         self.markov_head.markov_w2 = _packed_linear(self.markov_head.markov_w2.weight.detach())

@@ -16,41 +16,10 @@ import torch
 
 from dspark.drafters.dspark.calibration import Calibration
 from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
-from dspark.drafters.dspark.model import DSparkDrafter
+from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import params_tensors, processed_probs
-
-
-class _Context:
-    """One request's injected keys/values per draft layer, in growable buffers."""
-
-    def __init__(self) -> None:
-        self.length = 0
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        n = kv[0][0].shape[0]
-        if not self.buffers or self.length + n > self.buffers[0][0].shape[0]:
-            self._grow(max(2 * (self.length + n), 256), kv)
-        for (k_buf, v_buf), (k, v) in zip(self.buffers, kv, strict=True):
-            k_buf[self.length : self.length + n] = k
-            v_buf[self.length : self.length + n] = v
-        self.length += n
-
-    def _grow(self, capacity: int, like: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        grown = []
-        for i, (k, _) in enumerate(like):
-            k_buf = k.new_empty(capacity, *k.shape[1:])
-            v_buf = k.new_empty(capacity, *k.shape[1:])
-            if self.buffers:
-                k_buf[: self.length] = self.buffers[i][0][: self.length]
-                v_buf[: self.length] = self.buffers[i][1][: self.length]
-            grown.append((k_buf, v_buf))
-        self.buffers = grown
-
-    def view(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(k[: self.length], v[: self.length]) for k, v in self.buffers]
 
 
 class DSparkProposer(Proposer):
@@ -77,7 +46,7 @@ class DSparkProposer(Proposer):
         self.draft_to_target = drafter.draft_to_target
         self.draft_length = drafter.draft_length
         self.default_num_speculative_tokens = drafter.draft_length  # the whole block it was trained on
-        self.contexts: dict[str, _Context] = {}
+        self.contexts: dict[str, list[ContextBuffer]] = {}  # per request, one buffer per draft layer
 
     @classmethod
     def load(cls, directory: str | Path, target: Transformer) -> DSparkProposer:
@@ -87,10 +56,13 @@ class DSparkProposer(Proposer):
 
     @torch.inference_mode()
     def observe(self, request: DraftRequest, features: torch.Tensor) -> None:
-        context = self.contexts.setdefault(request.request_id, _Context())
-        positions = torch.arange(context.length, context.length + len(features))
+        context = self.contexts.get(request.request_id)
+        if context is None:
+            context = self.contexts[request.request_id] = self.drafter.new_context()
+        positions = torch.arange(context[0].length, context[0].length + len(features))
         kv = self.drafter.context_keys_values(self.drafter.context_features(features), positions)
-        context.append(kv)
+        for buffer, (k, v) in zip(context, kv, strict=True):
+            buffer.append(k, v)
 
     def release(self, request: DraftRequest) -> None:
         self.contexts.pop(request.request_id, None)
@@ -115,16 +87,13 @@ class DSparkProposer(Proposer):
 
     def _context_length(self, request: DraftRequest) -> int:
         context = self.contexts.get(request.request_id)
-        return context.length if context is not None else 0
+        return context[0].length if context is not None else 0
 
     def _propose_ready(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
         contexts = [self.contexts[r.request_id] for r in requests]
         anchors = torch.tensor([r.token_ids[-1] for r in requests])
-        positions = torch.tensor([c.length for c in contexts])
-        rows = self.drafter.cfg.block_size
-        hidden = self.drafter.backbone(
-            anchors, positions, [c.view() for c in contexts], [rows] * len(requests), [None] * len(requests)
-        )
+        positions = torch.tensor([c[0].length for c in contexts])
+        hidden = self.drafter.draft_hidden(anchors, positions, contexts)
         base = self.drafter.base_logits(hidden)
         steps = min(self.draft_length, max(max_lens))
         return self._sample_sequentially(requests, anchors, hidden, base, steps, max_lens)
@@ -137,7 +106,7 @@ class DSparkProposer(Proposer):
         d = self.drafter
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
-        sampling = params_tensors(params, [1] * len(requests))
+        sampling = None if all(greedy) else params_tensors(params, [1] * len(requests))
         tokens, probs, embeddings, top_probs = [], [], [], []
         prev = anchors
         for k in range(steps):

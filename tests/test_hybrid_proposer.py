@@ -1,0 +1,100 @@
+"""The hybrid proposer: prompt lookup first, the draft model for the rest; lossless in the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from dspark.assembly import build_engine
+from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER
+from dspark.drafters.dspark.proposer import DSparkProposer
+from dspark.engine import EngineConfig
+from dspark.proposers import Draft, HybridProposer, NgramProposer, Proposer
+from dspark.sampling import SamplingParams
+from dspark.scheduling import VerificationConfig
+
+
+@dataclass
+class Req:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+
+
+class CountingModel(Proposer):
+    """A stand-in draft model: drafts [7, 7, ...] with confidences, records whom it was asked about."""
+
+    name = "counting"
+    default_num_speculative_tokens = 5
+    hidden_layers = (1, 2)
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.observed: list[str] = []
+        self.released: list[str] = []
+
+    def propose(self, requests, max_lens):
+        self.asked += [r.request_id for r in requests]
+        return [Draft([7] * k, confidences=torch.full((k,), 0.5)) for k in max_lens]
+
+    def observe(self, request, features):
+        self.observed.append(request.request_id)
+
+    def release(self, request):
+        self.released.append(request.request_id)
+
+
+def test_long_lookup_matches_skip_the_model():
+    model = CountingModel()
+    hybrid = HybridProposer(NgramProposer(1, 4), model, min_match=2)
+    assert hybrid.default_num_speculative_tokens == 5 and hybrid.hidden_layers == (1, 2)
+    requests = [
+        Req("copy", [1, 2, 3, 4, 9, 1, 2, 3]),  # suffix (1, 2, 3) matched: lookup drafts 4, 9, 1
+        Req("short", [5, 6, 8, 6]),  # only a 1-token match: the model drafts
+        Req("none", [10, 11, 12]),  # no match at all: the model drafts
+    ]
+    drafts = hybrid.propose(requests, [3, 3, 2])
+    assert model.asked == ["short", "none"]
+    assert drafts[0].tokens == [4, 9, 1] and drafts[0].confidences is None and drafts[0].scores == [3.0] * 3
+    assert drafts[1].tokens == [7, 7, 7] and drafts[1].confidences is not None
+    assert drafts[2].tokens == [7, 7]
+    assert (hybrid.lookup_drafts, hybrid.model_calls) == (1, 2)
+    hybrid.observe(requests[1], torch.zeros(1, 4))
+    hybrid.release(requests[1])
+    assert model.observed == ["short"] and model.released == ["short"]
+
+
+def test_an_empty_model_draft_keeps_the_lookup_draft():
+    class Silent(CountingModel):
+        def propose(self, requests, max_lens):
+            return [Draft([]) for _ in requests]
+
+    hybrid = HybridProposer(NgramProposer(1, 4), Silent(), min_match=3)
+    draft = hybrid.propose([Req("r", [5, 6, 8, 6])], [2])[0]
+    assert draft.tokens == [8, 6]  # the 1-token lookup match is better than nothing
+
+
+def test_min_match_is_validated():
+    with pytest.raises(ValueError, match="min_match"):
+        HybridProposer(NgramProposer(), CountingModel(), min_match=0)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "scheduler"])
+def test_hybrid_greedy_output_is_the_targets_own(default_model, tokenizer, to_chat_ids, dev_prompts, policy):
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
+    config = EngineConfig(proposer="hybrid", max_batch_size=4, verification=VerificationConfig(policy=policy))
+    spec = build_engine(config, model=default_model, tokenizer=tokenizer)
+    assert isinstance(spec.proposer, HybridProposer) and isinstance(spec.proposer.model, DSparkProposer)
+    assert spec.num_speculative_tokens == DSparkProposer.load(SHIPPED_DRAFTER, default_model).draft_length
+    prompts = [to_chat_ids(p) for p in dev_prompts[:: len(dev_prompts) // 4][:4]]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    assert [c.token_ids for c in spec.generate(prompts, params)] == expected
+    if policy == "fixed":  # every draft verified: both sources really drafted
+        assert spec.stats.accepted > 0
+        assert spec.proposer.model_calls > 0 and spec.proposer.lookup_drafts > 0
