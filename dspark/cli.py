@@ -33,7 +33,9 @@ class GenerateConfig(BaseModel):
 
     prompt: str
     raw: bool = Field(False, description="send the prompt as is, not wrapped in the chat template")
-    engine: EngineConfig = EngineConfig(max_batch_size=1, max_model_len=4096)
+    # One request at a time: the hybrid (prompt lookup, else the drafter, scheduled) is the fastest proposer
+    # at batch 1 here (1.72x plain, 1.13x n-gram; README "Prompt lookup, the drafter, and both").
+    engine: EngineConfig = EngineConfig(max_batch_size=1, max_model_len=4096, proposer="hybrid")
     sampling: SamplingParams = SamplingParams(max_tokens=256)
 
 
@@ -121,7 +123,7 @@ def _profile(args: argparse.Namespace) -> int:
     engine = build_engine(config.engine.model_copy(update={"verification": fixed}))
     if engine.proposer is None:
         raise InvalidRequestError(
-            "proposer", "the cost profile is a speculating engine's: choose ngram or dspark"
+            "proposer", "the cost profile is a speculating engine's: choose ngram, dspark or hybrid"
         )
     directory = profile_dir() if config.engine.verification.profile_cache else None
     profile = load_or_measure(
