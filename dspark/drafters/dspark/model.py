@@ -523,6 +523,15 @@ class DSparkDrafter(nn.Module):
         DFlash convention, where slot k predicts the token k after the anchor)."""
         return self.cfg.block_size if self.cfg.sample_from_anchor else self.cfg.block_size - 1
 
+    def _block_input(self, anchors: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embedded blocks (anchor, then mask rows) [blocks * block_size, d] and their RoPE rows."""
+        rows = self.cfg.block_size
+        ids = torch.full((len(anchors), rows), self.cfg.mask_token_id, device=anchors.device)
+        ids[:, 0] = anchors
+        pos = (positions[:, None] + torch.arange(rows, device=positions.device)).flatten()
+        x = F.embedding(ids.flatten(), self.embed_tokens)
+        return x, self.rope_cos[pos, None], self.rope_sin[pos, None]
+
     def backbone(
         self,
         anchors: torch.Tensor,
@@ -538,11 +547,7 @@ class DSparkDrafter(nn.Module):
         values) under masks[i].
         """
         rows = self.cfg.block_size
-        ids = torch.full((len(anchors), rows), self.cfg.mask_token_id, device=anchors.device)
-        ids[:, 0] = anchors
-        x = F.embedding(ids.flatten(), self.embed_tokens)
-        pos = (positions[:, None] + torch.arange(rows, device=positions.device)).flatten()
-        cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
+        x, cos, sin = self._block_input(anchors, positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, [c[i] for c in context], block_sizes, masks)
         hidden = self.norm(x).view(len(anchors), rows, -1)
@@ -560,11 +565,7 @@ class DSparkDrafter(nn.Module):
         """Inference twin of `backbone` for one block per request: [requests, draft_length, d]. Request
         r's context is contexts[r] (per layer): the injected keys/values of positions [0, positions[r])."""
         rows = self.cfg.block_size
-        ids = torch.full((len(anchors), rows), self.cfg.mask_token_id, device=anchors.device)
-        ids[:, 0] = anchors
-        x = F.embedding(ids.flatten(), self.embed_tokens)
-        pos = (positions[:, None] + torch.arange(rows, device=positions.device)).flatten()
-        cos, sin = self.rope_cos[pos, None], self.rope_sin[pos, None]
+        x, cos, sin = self._block_input(anchors, positions)
         for i, layer in enumerate(self.layers):
             buffers = [c[i] for c in contexts]
             x = x + layer.self_attn.attend_buffers(layer.input_layernorm(x), cos, sin, buffers, rows)
