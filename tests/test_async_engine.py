@@ -175,3 +175,27 @@ def test_stream_interval_merges_steps_but_not_the_first_or_last_message():
     # token 1 at once; token 2 one step later is held (within the interval); the final step carries it
     assert [o.token_ids for o in outputs] == [[1], [2, 3]]
     assert outputs[-1].finished and "".join(o.text for o in outputs) == "xxx"
+
+
+def test_a_caller_cancelled_before_admission_leaves_nothing_behind():
+    fake = SlowEngine()
+    engine = AsyncEngine(fake)  # type: ignore[arg-type]
+
+    async def main():
+        busy = asyncio.ensure_future(anext(engine.generate("busy")))  # keeps the engine inside a step
+        await busy
+        task = asyncio.ensure_future(anext(engine.generate("late")))
+        await asyncio.sleep(0.01)  # submitted; the engine adds it after its current step
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):  # the add runs, then the abort the cancelled caller left behind
+            if "r1" in fake.aborted:
+                return
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert "r1" in fake.aborted and "r1" not in engine._streams

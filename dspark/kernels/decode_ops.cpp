@@ -74,7 +74,8 @@ inline void attend_row(const float* qv, const float* K, const float* V, int64_t 
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   for (float lane : lanes) max_score = std::max(max_score, lane);
-  // exp in blocks of 8 (the tail padded with -inf, whose exp is 0); padded slots are never read back.
+  // exp in blocks of 8; the tail is padded with -inf (exp8 clamps it to ~1e-38, nothing next to the row's
+  // maximum, whose exp is 1) and the padded slots are never read back.
   for (int64_t t = length; t < ((length + 7) / 8) * 8; ++t) p[t] = -INFINITY;
   const __m256 vm = _mm256_set1_ps(max_score);
   __m256 vtotal = _mm256_setzero_ps();

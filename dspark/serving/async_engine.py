@@ -254,6 +254,7 @@ class AsyncEngine:
 def _abort_when_added(engine: AsyncEngine) -> Callable[[asyncio.Future], None]:
     def callback(future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
+            engine._streams.pop(future.result(), None)
             engine.abort(future.result())
 
     return callback
