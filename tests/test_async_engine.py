@@ -63,6 +63,13 @@ class SlowEngine:
         return outputs
 
 
+async def _until(condition, timeout_s: float = 2.5) -> None:
+    """Poll `condition` (the engine thread acts between steps) until it holds or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def _max_loop_lag(until: asyncio.Future, tick_s: float = 0.01) -> float:
     """The longest the event loop took to come back from a `tick_s` sleep while `until` runs."""
     lag = 0.0
@@ -120,10 +127,7 @@ def test_a_consumer_that_leaves_aborts_its_request():
         stream = engine.generate("hi")
         await anext(stream)
         await stream.aclose()  # the client went away after one token
-        for _ in range(50):
-            if fake.aborted:
-                return
-            await asyncio.sleep(0.05)
+        await _until(lambda: fake.aborted)
 
     try:
         asyncio.run(main())
@@ -189,10 +193,7 @@ def test_a_caller_cancelled_before_admission_leaves_nothing_behind():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(50):  # the add runs, then the abort the cancelled caller left behind
-            if "r1" in fake.aborted:
-                return
-            await asyncio.sleep(0.05)
+        await _until(lambda: "r1" in fake.aborted)  # the add runs, then the abort the caller left behind
 
     try:
         asyncio.run(main())

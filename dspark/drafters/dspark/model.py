@@ -261,11 +261,11 @@ class _PackedRMSNorm(nn.Module):
 
 class ContextBuffer:
     """One draft layer's injected keys/values of one request at inference: [kv_heads, capacity, head_dim]
-    buffers holding the context in rows [0, length), growing by doubling, plus room for one block after it."""
+    buffers holding the context in rows [0, length), growing by doubling. A block's own keys/values go in the
+    rows after the context, kept only by `append` (the context grows) and overwritten otherwise."""
 
-    def __init__(self, kv_heads: int, head_dim: int, block_rows: int, like: torch.Tensor) -> None:
+    def __init__(self, kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
         self.length = 0
-        self.block_rows = block_rows
         self.keys = like.new_empty(kv_heads, 256, head_dim)
         self.values = like.new_empty(kv_heads, 256, head_dim)
 
@@ -279,22 +279,17 @@ class ContextBuffer:
             grown[:, : self.length] = old[:, : self.length]
             setattr(self, name, grown)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Context rows k, v [n, kv_heads, head_dim] after the ones held."""
-        end = self.length + k.shape[0]
-        self._reserve(end + self.block_rows)
-        self.keys[:, self.length : end] = k.transpose(0, 1)
-        self.values[:, self.length : end] = v.transpose(0, 1)
-        self.length = end
-
     def write_block(self, k: torch.Tensor, v: torch.Tensor) -> int:
-        """A block's keys/values [rows, kv_heads, head_dim] after the context (not kept); returns where
-        the keys a block row sees end."""
+        """Keys/values [n, kv_heads, head_dim] after the context (not kept); returns where they end."""
         end = self.length + k.shape[0]
         self._reserve(end)
         self.keys[:, self.length : end] = k.transpose(0, 1)
         self.values[:, self.length : end] = v.transpose(0, 1)
         return end
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Context rows k, v [n, kv_heads, head_dim] after the ones held."""
+        self.length = self.write_block(k, v)
 
 
 class DraftAttention(nn.Module):
@@ -555,9 +550,8 @@ class DSparkDrafter(nn.Module):
 
     def new_context(self) -> list[ContextBuffer]:
         """Empty per-layer key/value buffers of one request's context (inference)."""
-        kv_heads, head_dim, rows = self.cfg.num_key_value_heads, self.cfg.head_dim, self.cfg.block_size
         like = self.layers[0].self_attn.o_proj.weight  # the dtype and device keys and values come in
-        return [ContextBuffer(kv_heads, head_dim, rows, like) for _ in self.layers]
+        return [ContextBuffer(self.cfg.num_key_value_heads, self.cfg.head_dim, like) for _ in self.layers]
 
     def draft_hidden(
         self, anchors: torch.Tensor, positions: torch.Tensor, contexts: list[list[ContextBuffer]]
