@@ -145,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         host=args.host,
+        dashboard=args.dashboard,
     )
     return 0
 
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP and gRPC proxies")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--dashboard", action="store_true",
+                     help="also start Ray's dashboard on port 8265 (off: it costs a small machine ~2%% of a "
+                     "core; metrics reach Prometheus either way)")  # fmt: skip
     command("train", "train a DSpark drafter (data generation, training, calibration)", _train, TrainConfig)
     export = command("export", "write a drafter folder for vLLM (or as this project's own format)", _export,
                      ExportConfig, skip={"drafter", "output"})  # fmt: skip
