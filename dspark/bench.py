@@ -34,6 +34,9 @@ class BenchConfig(BaseModel):
 
     prompts: str | None = Field(None, description="JSONL prompt file (default: data/dev_prompts.jsonl)")
     num_prompts: int = Field(40, ge=1, description="prompts, datasets interleaved")
+    skip_prompts: int = Field(
+        0, ge=0, description="skip the first prompts of that order (a sample held out from earlier tuning)"
+    )
     max_tokens: int = Field(128, ge=1, description="tokens generated per prompt")
     model: str = Field("default", description="'default', a Hugging Face folder or a .gguf file")
     num_speculative_tokens: list[int] = Field([4], description="n-gram draft lengths compared")
@@ -109,7 +112,7 @@ def _policy_label(label: str, policy: PolicyName) -> str:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    records = load_prompts(config.prompts, config.num_prompts)
+    records = load_prompts(config.prompts, config.num_prompts, config.skip_prompts)
     log.info("bench: %d prompts x %d tokens; building engines (a scheduler policy measures the cost profile "
              "once per machine, a few minutes)", len(records), config.max_tokens)  # fmt: skip
     plain = build_engine(

@@ -33,9 +33,12 @@ def train_prompts_path() -> Path:
     return data_dir() / TRAIN_PROMPTS
 
 
-def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[PromptRecord]:
-    """Read a prompt file (default: the dev prompts); with `limit`, take datasets round-robin so that a
-    small sample still covers every dataset and domain."""
+def load_prompts(
+    path: str | Path | None = None, limit: int | None = None, skip: int = 0
+) -> list[PromptRecord]:
+    """Read a prompt file (default: the dev prompts); with `limit` or `skip`, take datasets round-robin so
+    that a small sample still covers every dataset and domain, and `skip` the first prompts of that order
+    (a held-out sample: prompts a setting was not tuned on)."""
     if path is None:
         path = dev_prompts_path()
         if not path.exists():
@@ -50,13 +53,13 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     records = [
         PromptRecord.model_validate_json(line) for line in path.read_text().split("\n") if line.strip()
     ]
-    if limit is None or limit >= len(records):
+    if skip == 0 and (limit is None or limit >= len(records)):
         return records
     by_dataset: dict[str, list[PromptRecord]] = defaultdict(list)
     for record in records:
         by_dataset[record.dataset].append(record)
     interleaved = [r for group in zip_longest(*by_dataset.values()) for r in group if r is not None]
-    return interleaved[:limit]
+    return interleaved[skip : None if limit is None else skip + limit]
 
 
 def write_json(path: str | Path, payload: object) -> None:

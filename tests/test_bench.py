@@ -31,3 +31,18 @@ def test_bench_methods_match_transformers_under_each_policy(tmp_path):
     assert report["identical_outputs"] == len(PROMPTS)
     assert all(m["tokens"] == 12 * len(PROMPTS) for m in report["methods"].values())
     assert json.loads((tmp_path / "bench.json").read_text())["config"]["policies"] == ["fixed", "scheduler"]
+
+
+def test_held_out_prompts_continue_the_interleaved_order(tmp_path):
+    from dspark.prompts import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    records = [
+        PromptRecord(id=f"{d}{i}", dataset=d, domain="x", turns=["hi"]) for d in "abc" for i in range(4)
+    ]
+    path.write_text("\n".join(r.model_dump_json() for r in records))
+    first, held_out = load_prompts(path, 6), load_prompts(path, 6, skip=6)
+    assert [r.id for r in first + held_out[:3]] == [r.id for r in load_prompts(path, 9)]
+    assert not {r.id for r in first} & {r.id for r in held_out}
+    assert {r.dataset for r in held_out} == {"a", "b", "c"}
+    assert [r.id for r in load_prompts(path, skip=10)] == [r.id for r in load_prompts(path, 11, skip=9)][1:]

@@ -172,8 +172,9 @@ def test_estimator_learns_a_logistic_acceptance_curve():
         got = estimator.confidences([score, score], greedy=True)
         want = [1 / (1 + np.exp(-(b + w * score))) for b, w in truth]
         np.testing.assert_allclose(got, want, atol=0.05)
-    # the sampled-mode model saw nothing: it still predicts its prior
-    np.testing.assert_allclose(estimator.confidences([3.0], greedy=False), [0.5])
+    # the sampled-mode model saw nothing: its prior 1/2, made optimistic (logit + optimism / sqrt(1 + 0))
+    np.testing.assert_allclose(estimator.confidences([3.0], greedy=False), [1 / (1 + np.exp(-2.0))])
+    assert OnlineAcceptanceEstimator(optimism=0.0).confidences([3.0], greedy=False) == pytest.approx([0.5])
 
 
 def test_estimator_learns_only_from_reached_positions():
@@ -182,8 +183,35 @@ def test_estimator_learns_only_from_reached_positions():
         estimator.update([1.0, 1.0, 1.0], verified=3, accepted=0, greedy=True)  # position 0 always rejected
     conf = estimator.confidences([1.0, 1.0, 1.0], greedy=True)
     assert conf[0] < 0.05
-    assert conf[1] == pytest.approx(0.5) and conf[2] == pytest.approx(0.5)  # never reached: the prior
+    never_reached = 1 / (1 + np.exp(-estimator.optimism))  # the prior 1/2, optimistic: it gets verified
+    assert conf[1] == pytest.approx(never_reached) and conf[2] == pytest.approx(never_reached)
     assert estimator.confidences([1.0] * 5, greedy=True)[3:].tolist() == [0.0, 0.0]  # past the models
+
+
+def test_optimism_lets_the_scheduler_discover_good_later_positions():
+    """A position is observed only when verified. With the prior alone, position 2 (truly 0.8) looked like
+    1/2, the scheduler verified one token, and the estimate never moved; optimism while evidence is thin
+    gets it verified, learnt, and then verified for the right reason."""
+    truth = [0.4, 0.8, 0.8, 0.8]
+    step_ms = [46.0, 47.0, 56.0, 57.5, 59.0]  # a measured batch-1 curve: 1..5 tokens
+
+    def run(optimism: float) -> float:
+        rng = np.random.default_rng(0)
+        estimator = OnlineAcceptanceEstimator(max_positions=4, optimism=optimism)
+        lengths = []
+        for _ in range(1500):
+            conf = estimator.confidences([[1.0]] * 4, greedy=True)
+            (k,) = schedule_prefixes([conf], lambda b: 1000 / step_ms[b - 1], min_gain=0.02)
+            accepted = 0
+            while accepted < k and rng.random() < truth[accepted]:
+                accepted += 1
+            if k:
+                estimator.update([[1.0]] * k, k, accepted, greedy=True)
+            lengths.append(k)
+        return float(np.mean(lengths[-500:]))
+
+    assert run(optimism=0.0) < 1.5  # stuck: mostly one token
+    assert run(optimism=2.0) > 3.5  # learnt that the whole draft pays
 
 
 # ---- policies ---------------------------------------------------------------------------------------------

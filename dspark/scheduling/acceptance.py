@@ -8,6 +8,13 @@ rejection carry no information. Greedy and sampled requests accept differently, 
 
 The features never depend on the draft token being judged, only on the context before it, so admitting a
 token on these confidences keeps verification lossless (paper Appendix A).
+
+A position is only observed when the scheduler verifies it, so a position whose estimate starts low would
+never be verified and never corrected (seen: n-gram position 2 stayed at its prior 1/2 against a true 0.72,
+and the scheduler verified one token in 87% of steps). Confidences are therefore optimistic while a position
+has few outcomes: its logit gets a bonus of `optimism / sqrt(1 + outcomes)`, which vanishes as evidence
+accumulates (the optimism-under-uncertainty rule of bandit algorithms). The bonus depends on counts only,
+never on a draft token, so losslessness is kept.
 """
 
 from __future__ import annotations
@@ -51,6 +58,11 @@ class _PositionModel:
     def predict(self, features: np.ndarray) -> float:
         return float(_sigmoid(self.weights[0] + features @ self.weights[1:]))
 
+    @property
+    def evidence(self) -> int:
+        """Outcomes the current fit rests on."""
+        return min(self.count, len(self.outcomes))
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
@@ -67,11 +79,13 @@ class OnlineAcceptanceEstimator:
         prior_strength: float = 4.0,
         window: int = 4096,
         refit_every: int = 64,
+        optimism: float = 2.0,
     ) -> None:
         if not 0 < prior_acceptance < 1:
             raise ValueError(f"prior_acceptance must lie in (0, 1), got {prior_acceptance}")
         prior = math.log(prior_acceptance / (1 - prior_acceptance))
         self.num_features = num_features
+        self.optimism = optimism
 
         def position_models() -> list[_PositionModel]:
             return [_PositionModel(prior, num_features, prior_strength, window) for _ in range(max_positions)]
@@ -96,11 +110,13 @@ class OnlineAcceptanceEstimator:
             if not chosen:
                 continue
             weights = np.stack([m.weights for m in self.models[mode]])  # [positions, 1 + features]
+            bonus = self.optimism / np.sqrt(1.0 + np.array([m.evidence for m in self.models[mode]]))
             positions = np.concatenate([np.arange(len(rows[i])) for i in chosen])
             stacked = np.concatenate([rows[i] for i in chosen])
             modelled = positions < len(weights)
             w = weights[np.minimum(positions, len(weights) - 1)]
-            values = _sigmoid(w[:, 0] + (w[:, 1:] * stacked).sum(1)) * modelled
+            logits = w[:, 0] + (w[:, 1:] * stacked).sum(1) + bonus[np.minimum(positions, len(bonus) - 1)]
+            values = _sigmoid(logits) * modelled
             for i, part in zip(
                 chosen, np.split(values, np.cumsum([len(rows[i]) for i in chosen])[:-1]), strict=True
             ):

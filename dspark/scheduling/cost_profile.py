@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 4  # bump when kernels or the step's code path change what a step costs
+PROFILE_VERSION = 5  # bump when kernels or the step's code path change what a step costs
 
 
 class CostProfile(BaseModel):
@@ -211,7 +211,7 @@ def request_counts(max_requests: int) -> list[int]:
     return sorted({*counts, max_requests})
 
 
-ROUNDS = 3
+ROUNDS = 5  # median of 5: at 3, single points of a batch-1 curve moved by +-10% between measurements
 # A measurement yields after every timed run, so a server can measure in its idle time and stop at once
 # when a request arrives; `ProfileMeasurement.run` drains it in one go.
 Timing = Generator[None, None, dict]
