@@ -33,6 +33,9 @@ def _build_dir(name: str) -> Path:
     return path
 
 
+SOURCES = ("bindings.cpp", "small_m_linear.cpp", "block_quant_linear.cpp", "decode_ops.cpp")
+
+
 @functools.cache
 def native_ops() -> ModuleType | None:
     """The compiled CPU kernels (`small_m_linear`, `rms_norm_rows`, `block_attention`), or None."""
@@ -45,7 +48,7 @@ def native_ops() -> ModuleType | None:
 
         return load(
             name="dspark_cpu_kernels",
-            sources=[str(_SOURCE_DIR / f) for f in ("bindings.cpp", "small_m_linear.cpp", "decode_ops.cpp")],
+            sources=[str(_SOURCE_DIR / f) for f in SOURCES],
             build_directory=str(_build_dir("cpu_kernels")),
             # -fopenmp: at::parallel_for is header code; without it the kernels run on one thread.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],

@@ -6,6 +6,9 @@ step (`dspark bench` cost curve, and the kernel test): `F.linear` ~43 ms for one
 layout ~27 ms, the native small-M kernel (`dspark/kernels`) ~20 ms, and it stays ahead up to 16 rows.
 Prefill chunks (many rows) are compute-bound and go to oneDNN. The dense weight stays the source of
 truth (checkpoints, tied embeddings); the packed copy is derived, used only on CPU in fp32.
+
+A weight that is exactly block-quantized (the GGUF default target's, dspark/models/quantized.py) is read
+in its blocks by the few-row kernel instead: the same products bit for bit, from 4-5x fewer bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.kernels import small_m_linear
+from dspark.models.quantized import BlockQuantized, block_quantized
 
 # Up to this many rows the native kernel beats oneDNN on the dev machine (see the module docstring).
 SMALL_M_ROWS = 16
+# Up to this many rows the block kernel beats the fp32 one: it rebuilds each weight once per 3 rows, so its
+# arithmetic grows with the rows while the fp32 kernel's time is the weight stream (SmolLM2 at batch 1,
+# ms per forward of 1..5 tokens: fp32 42, 45, 47, 48, 49; blocks 28, 35, 38, 48, 50).
+BLOCK_ROWS = 3
 
 
 def onednn_packing_available() -> bool:
@@ -31,6 +39,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
         self._small_m = None
+        self._blocks: BlockQuantized | None = None
 
     def pack(self) -> None:
         """Choose CPU fp32 kernels (call again after the dense weight changes)."""
@@ -43,15 +52,19 @@ class Linear(nn.Module):
         out_features, in_features = w.shape
         if in_features % 8 == 0 and out_features % 4 == 0 and w.is_contiguous():
             self._small_m = small_m_linear()
+        if self._small_m is not None:
+            self._blocks = block_quantized(w)
 
     def unpack(self) -> None:
         self._packed = None
         self._small_m = None
+        self._blocks = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad:
             if self._small_m is not None and x.shape[0] <= SMALL_M_ROWS:
-                y = self._small_m(x, self.weight)
+                blocks = self._blocks is not None and x.shape[0] <= BLOCK_ROWS
+                y = self._blocks(x) if blocks else self._small_m(x, self.weight)
                 return y if self.bias is None else y.add_(self.bias)
             if self._packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
