@@ -38,7 +38,13 @@ def ggml_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0)])
+def fp16_values(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+@pytest.mark.parametrize(
+    ("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]
+)
 @pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (192, 576), (576, 1536)])
 def test_recovered_blocks_rebuild_the_weight_and_its_products_exactly(
     kind, quantize, out_features, in_features
@@ -60,7 +66,7 @@ def test_recovered_blocks_rebuild_the_weight_and_its_products_exactly(
 @needs_kernel
 def test_weights_that_are_not_block_quantized_stay_fp32(monkeypatch):
     w = torch.randn(64, 96)
-    assert block_quantized(w) is None
+    assert block_quantized(w) is None  # neither blocks nor fp16 values
     assert block_quantized(ggml_q4_1(w)[:, :80]) is None  # K not a multiple of 32
     assert block_quantized(ggml_q4_1(w).double()) is None
     assert block_quantized(ggml_q4_1(w)[:62]) is None  # N not a multiple of 4
@@ -73,7 +79,7 @@ def test_linear_layer_uses_the_blocks_for_few_rows_only():
     layer = Linear(96, 64)
     layer.weight.data = ggml_q4_1(torch.randn(64, 96))
     layer.pack()
-    assert layer._blocks is not None and layer._blocks.kind == "q4_1"
+    assert layer.weight_format == "q4_1"
     for rows in (1, 3, 4, 16, 17, 100):  # 4+: the fp32 kernel; 17+: oneDNN's prefill path
         x = torch.randn(rows, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
@@ -82,7 +88,17 @@ def test_linear_layer_uses_the_blocks_for_few_rows_only():
 @needs_kernel
 def test_the_default_target_is_read_in_its_gguf_blocks(default_model):
     """SmolLM2-135M's GGUF: every layer weight is Q4_1, the tied embedding / LM head Q8_0."""
-    kinds = {name: m._blocks.kind if m._blocks else None for name, m in default_model.named_modules()
-             if isinstance(m, Linear)}  # fmt: skip
+    kinds = {name: m.weight_format for name, m in default_model.named_modules() if isinstance(m, Linear)}
     assert kinds.pop("lm_head") == "q8_0"
     assert set(kinds.values()) == {"q4_1"}, kinds
+
+
+@needs_kernel
+def test_the_shipped_drafter_reads_fp16_weights_and_the_targets_q8_rows(default_model):
+    from dspark.drafters.dspark.checkpoint import load_drafter, resolve_drafter_dir
+
+    drafter = load_drafter(resolve_drafter_dir("default"), default_model)
+    drafter.pack_for_inference()
+    kinds = {name: m.weight_format for name, m in drafter.named_modules() if isinstance(m, Linear)}
+    assert kinds.pop("lm_head") == "q8_0"  # the target's LM head rows at the draft ids
+    assert set(kinds.values()) <= {"f16", "fp32"} and list(kinds.values()).count("f16") >= 6, kinds

@@ -51,7 +51,7 @@ def native_ops() -> ModuleType | None:
             sources=[str(_SOURCE_DIR / f) for f in SOURCES],
             build_directory=str(_build_dir("cpu_kernels")),
             # -fopenmp: at::parallel_for is header code; without it the kernels run on one thread.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

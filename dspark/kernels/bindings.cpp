@@ -4,6 +4,7 @@ torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor q4_1_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                           const torch::Tensor& m);
 torch::Tensor q8_0_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d);
+torch::Tensor f16_linear(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
 torch::Tensor block_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                               int64_t start, int64_t n);
@@ -14,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_linear", &small_m_linear, "x @ w.T for few rows of x (fp32, AVX2)");
   m.def("q4_1_linear", &q4_1_linear, "x @ w.T, w as Q4_1 blocks rebuilt exactly (few rows, AVX2)");
   m.def("q8_0_linear", &q8_0_linear, "x @ w.T, w as Q8_0 blocks rebuilt exactly (few rows, AVX2)");
+  m.def("f16_linear", &f16_linear, "x @ w.T, w fp16 widened exactly (few rows, AVX2 + F16C)");
   m.def("rms_norm_rows", &rms_norm_rows, "RMSNorm of each row (fp32)");
   m.def("block_attention", &block_attention, "attention of a few new tokens against their cache slot (fp32)");
   m.def("ragged_attention", &ragged_attention, "append and attend a ragged batch of short blocks (fp32)");

@@ -1,4 +1,5 @@
-// y = x @ w.T for a handful of rows of x, with w stored as the blocks it was quantized to (AVX2 + FMA).
+// y = x @ w.T for a handful of rows of x, with w stored as the blocks it was quantized to, or as fp16 when
+// every weight is an fp16 value (AVX2 + FMA + F16C).
 //
 // The default target ships as GGUF: its layer weights are Q4_1 (per 32 weights: w = d * q + m, q in 0..15)
 // and its embedding / LM head Q8_0 (w = d * q, q in -127..127). Dequantized to fp32 they are exactly
@@ -7,6 +8,9 @@
 // exactly (8-wide accumulators over k, 4 weight rows by up to 3 rows of x, the same horizontal sum), so the
 // output equals small_m_linear's bit for bit, while a decode step reads 0.625 (Q4_1) or 1.06 (Q8_0) bytes
 // per weight instead of 4: the step is memory-bound, and the bytes are the time.
+//
+// fp16 (a drafter's weights, stored as fp16 and widened exactly) works the same way with one conversion per
+// 8 weights and 2 bytes each.
 //
 // Layout (built by dspark/models/quantized.py): q4 [N, K/2] bytes, 16 per block in ggml's order (byte j: weight
 // j in the low nibble, weight j + 16 in the high one); q8 [N, K] int8; d and m [N, K/32] fp32.
@@ -22,10 +26,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+enum class Kind { Q4_1, Q8_0, F16 };
+
 // The 32 weights of one row's block kb, rebuilt exactly into w[0..3] (8 each, in k order).
-template <bool Q4>
+template <Kind KIND>
 inline void weights32(const uint8_t* q, int64_t kb, __m256 d, __m256 m, __m256 w[4]) {
-  if constexpr (Q4) {
+  if constexpr (KIND == Kind::Q4_1) {
     // ggml's Q4_1 nibble order: byte j holds weight j (low nibble) and weight j + 16 (high nibble).
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kb * 16));
     const __m256i first = _mm256_cvtepu8_epi32(bytes);                      // bytes 0..7
@@ -35,17 +41,20 @@ inline void weights32(const uint8_t* q, int64_t kb, __m256 d, __m256 m, __m256 w
     w[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(second, low)), m);
     w[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)), m);
     w[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)), m);
-  } else {
+  } else if constexpr (KIND == Kind::Q8_0) {
     for (int g = 0; g < 4; ++g) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + kb * 32 + g * 8));
       w[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
     }
+  } else {
+    for (int g = 0; g < 4; ++g)
+      w[g] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (kb * 32 + g * 8) * 2)));
   }
 }
 
 // out[i * ldy + r] = dot(weight row r, x row i) for r < 4, i < MX. Each accumulator takes its FMAs in
 // ascending k, as small_m_linear's do: the same sums, bit for bit.
-template <int MX, bool Q4>
+template <int MX, Kind KIND>
 inline void block(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
                   const float* x, int64_t K, float* y, int64_t ldy) {
   __m256 acc[4][MX];
@@ -53,10 +62,10 @@ inline void block(const uint8_t* q, int64_t q_stride, const float* d, const floa
     for (int i = 0; i < MX; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < K / 32; ++kb) {
     for (int r = 0; r < 4; ++r) {
-      const __m256 dv = _mm256_broadcast_ss(d + r * s_stride + kb);
-      const __m256 mv = Q4 ? _mm256_broadcast_ss(m + r * s_stride + kb) : _mm256_setzero_ps();
+      const __m256 dv = KIND == Kind::F16 ? _mm256_setzero_ps() : _mm256_broadcast_ss(d + r * s_stride + kb);
+      const __m256 mv = KIND == Kind::Q4_1 ? _mm256_broadcast_ss(m + r * s_stride + kb) : _mm256_setzero_ps();
       __m256 w[4];
-      weights32<Q4>(q + r * q_stride, kb, dv, mv, w);
+      weights32<KIND>(q + r * q_stride, kb, dv, mv, w);
       for (int g = 0; g < 4; ++g)
         for (int i = 0; i < MX; ++i)
           acc[r][i] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + i * K + kb * 32 + g * 8), acc[r][i]);
@@ -66,15 +75,20 @@ inline void block(const uint8_t* q, int64_t q_stride, const float* d, const floa
     for (int r = 0; r < 4; ++r) y[i * ldy + r] = hsum(acc[r][i]);
 }
 
-template <bool Q4>
+template <Kind KIND>
 torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch::Tensor& d,
                   const torch::Tensor& m) {
+  constexpr bool Q4 = KIND == Kind::Q4_1, SCALED = KIND != Kind::F16;
   TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 2, "x must be [M, K] fp32");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = q.size(0);
   TORCH_CHECK(K % 32 == 0 && N % 4 == 0, "K must be a multiple of 32 and N of 4");
-  TORCH_CHECK(q.is_contiguous() && q.size(1) == (Q4 ? K / 2 : K), "q has the wrong shape");
-  TORCH_CHECK(d.is_contiguous() && d.scalar_type() == torch::kFloat32 && d.size(0) == N && d.size(1) == K / 32,
-              "d must be [N, K/32] fp32");
+  const int64_t q_stride = Q4 ? K / 2 : (KIND == Kind::F16 ? 2 * K : K);  // bytes per row
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 2 && q.size(1) * q.element_size() == q_stride,
+              "q has the wrong shape");
+  if (SCALED)
+    TORCH_CHECK(d.is_contiguous() && d.scalar_type() == torch::kFloat32 && d.size(0) == N &&
+                    d.size(1) == K / 32,
+                "d must be [N, K/32] fp32");
   if (Q4)
     TORCH_CHECK(m.is_contiguous() && m.scalar_type() == torch::kFloat32 && m.sizes() == d.sizes(),
                 "m must be [N, K/32] fp32");
@@ -82,22 +96,22 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
   torch::Tensor y = torch::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
   const uint8_t* Q = static_cast<const uint8_t*>(q.data_ptr());
-  const float* D = d.data_ptr<float>();
+  const float* D = SCALED ? d.data_ptr<float>() : nullptr;
   const float* Mn = Q4 ? m.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  const int64_t q_stride = q.size(1), s_stride = K / 32;
+  const int64_t s_stride = K / 32;
   at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* qb = Q + b * 4 * q_stride;
-      const float* db = D + b * 4 * s_stride;
+      const float* db = SCALED ? D + b * 4 * s_stride : nullptr;
       const float* mb = Q4 ? Mn + b * 4 * s_stride : nullptr;
       for (int64_t i = 0; i < M; i += 3) {
         const int64_t rows = std::min<int64_t>(3, M - i);
         float* yb = Y + i * N + b * 4;
         const float* xb = X + i * K;
-        if (rows == 3) block<3, Q4>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
-        else if (rows == 2) block<2, Q4>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
-        else block<1, Q4>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
+        if (rows == 3) block<3, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
+        else if (rows == 2) block<2, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
+        else block<1, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
       }
     }
   });
@@ -109,10 +123,15 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
 torch::Tensor q4_1_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
                           const torch::Tensor& m) {
   TORCH_CHECK(q.scalar_type() == torch::kUInt8, "q4 must be uint8");
-  return run<true>(x, q, d, m);
+  return run<Kind::Q4_1>(x, q, d, m);
 }
 
 torch::Tensor q8_0_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d) {
   TORCH_CHECK(q.scalar_type() == torch::kInt8, "q8 must be int8");
-  return run<false>(x, q, d, d);
+  return run<Kind::Q8_0>(x, q, d, d);
+}
+
+torch::Tensor f16_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == torch::kHalf, "w must be fp16");
+  return run<Kind::F16>(x, w, w, w);
 }

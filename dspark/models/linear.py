@@ -22,10 +22,6 @@ from dspark.models.quantized import BlockQuantized, block_quantized
 
 # Up to this many rows the native kernel beats oneDNN on the dev machine (see the module docstring).
 SMALL_M_ROWS = 16
-# Up to this many rows the block kernel beats the fp32 one: it rebuilds each weight once per 3 rows, so its
-# arithmetic grows with the rows while the fp32 kernel's time is the weight stream (SmolLM2 at batch 1,
-# ms per forward of 1..5 tokens: fp32 42, 45, 47, 48, 49; blocks 28, 35, 38, 48, 50).
-BLOCK_ROWS = 3
 
 
 def onednn_packing_available() -> bool:
@@ -55,6 +51,11 @@ class Linear(nn.Module):
         if self._small_m is not None:
             self._blocks = block_quantized(w)
 
+    @property
+    def weight_format(self) -> str:
+        """What the few-row kernel reads: a block format (q4_1, q8_0), f16, or fp32."""
+        return "fp32" if self._blocks is None else self._blocks.kind
+
     def unpack(self) -> None:
         self._packed = None
         self._small_m = None
@@ -63,7 +64,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad:
             if self._small_m is not None and x.shape[0] <= SMALL_M_ROWS:
-                blocks = self._blocks is not None and x.shape[0] <= BLOCK_ROWS
+                blocks = self._blocks is not None and x.shape[0] <= self._blocks.max_rows
                 y = self._blocks(x) if blocks else self._small_m(x, self.weight)
                 return y if self.bias is None else y.add_(self.bias)
             if self._packed is not None:

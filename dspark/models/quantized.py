@@ -5,7 +5,8 @@ A decode step streams every weight once and is memory-bound, so reading 0.75 (Q4
 per weight instead of 4 is most of its time. This module recovers the blocks from the fp32 weights and
 keeps them only when every weight rebuilds bit for bit (`d * q + m` with `d * q` exact in fp32, one
 rounding, which the kernel's FMA also makes): the products, and so the greedy output, stay exactly the fp32
-model's. A weight that was never block-quantized (any other checkpoint) fails the check and stays fp32.
+model's. Weights that are all fp16 values (a drafter checkpoint stored in fp16) are kept as fp16 the same
+way. A weight that is none of these (any other checkpoint) fails the checks and stays fp32.
 """
 
 from __future__ import annotations
@@ -24,22 +25,37 @@ DISABLE_ENV = "DSPARK_BLOCK_QUANT"  # "0": never use block-quantized weights (A/
 
 @dataclass(frozen=True)
 class BlockQuantized:
-    """One linear layer's weight [N, K] as blocks: w = d * q (+ m for Q4_1), per row and block of 32."""
+    """One linear layer's weight [N, K] as blocks: w = d * q (+ m for Q4_1), per row and block of 32; or
+    fp16 (`q` the weight itself, no scales)."""
 
-    kind: Literal["q4_1", "q8_0"]
-    # q4_1: [N, K/2] uint8, 16 bytes per block, byte j = weight j | weight j + 16 << 4; q8_0: [N, K] int8
+    kind: Literal["q4_1", "q8_0", "f16"]
+    # q4_1: [N, K/2] uint8, 16 bytes per block, byte j = weight j | weight j + 16 << 4; q8_0: [N, K] int8;
+    # f16: [N, K] fp16
     q: torch.Tensor
-    d: torch.Tensor  # [N, K/32] fp32
-    m: torch.Tensor | None  # [N, K/32] fp32 (q4_1)
+    d: torch.Tensor | None = None  # [N, K/32] fp32 (q4_1, q8_0)
+    m: torch.Tensor | None = None  # [N, K/32] fp32 (q4_1)
+
+    @property
+    def max_rows(self) -> int:
+        """Rows up to which this kernel beats the fp32 one: it rebuilds each weight once per 3 rows, so its
+        arithmetic grows with the rows while the fp32 kernel's time is the weight stream. Measured on the
+        2-core dev machine: SmolLM2 forwards of 1..5 tokens took 42, 45, 47, 48, 49 ms in fp32 and 28, 35,
+        38, 48, 50 from the Q4_1/Q8_0 blocks; fp16 weights of the drafter's shapes were 20-35% faster at 1
+        and 2 rows, even at 3 and slower from 4."""
+        return 2 if self.kind == "f16" else 3
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ops = native_ops()
         if self.kind == "q4_1":
             return ops.q4_1_linear(x, self.q, self.d, self.m)
-        return ops.q8_0_linear(x, self.q, self.d)
+        if self.kind == "q8_0":
+            return ops.q8_0_linear(x, self.q, self.d)
+        return ops.f16_linear(x, self.q)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight these blocks stand for (what the kernel rebuilds)."""
+        if self.kind == "f16":
+            return self.q.float()
         n = self.d.shape[0]
         if self.kind == "q4_1":
             packed = self.q.view(n, -1, BLOCK // 2)
@@ -49,14 +65,14 @@ class BlockQuantized:
 
 
 def block_quantized(weight: torch.Tensor) -> BlockQuantized | None:
-    """The exact block form of `weight` (Q4_1 tried first, then Q8_0), or None."""
+    """The exact compact form of `weight` (Q4_1 tried first, then Q8_0, then fp16), or None."""
     if os.environ.get(DISABLE_ENV, "1") == "0" or native_ops() is None:
         return None
     w = weight.detach()
     if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] % BLOCK or w.shape[0] % 4:
         return None
     blocks = w.reshape(w.shape[0], -1, BLOCK)
-    return _q4_1(blocks) or _q8_0(blocks)
+    return _q4_1(blocks) or _q8_0(blocks) or _f16(w)
 
 
 # fp16 neighbours tried for a block's scale, nearest first: the stored scale is the fp16 rounding of a
@@ -93,6 +109,11 @@ def _q8_0(blocks: torch.Tensor) -> BlockQuantized | None:
         return None
     q8 = q.to(torch.int8).reshape(blocks.shape[0], -1).contiguous()
     return BlockQuantized("q8_0", q8, d.contiguous(), None)
+
+
+def _f16(w: torch.Tensor) -> BlockQuantized | None:
+    half = w.half()
+    return BlockQuantized("f16", half.contiguous()) if torch.equal(half.float(), w) else None
 
 
 def _levels(offsets: torch.Tensor, d: torch.Tensor, low: int, high: int) -> torch.Tensor:
