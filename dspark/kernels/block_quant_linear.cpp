@@ -75,6 +75,41 @@ inline void block(const uint8_t* q, int64_t q_stride, const float* d, const floa
     for (int r = 0; r < 4; ++r) y[i * ldy + r] = hsum(acc[r][i]);
 }
 
+// The same for one weight row against up to 8 rows of x: each weight is rebuilt once for all of them (the
+// 4-row block above, used for a single row of x where sharing its loads across 4 weight rows pays, would
+// rebuild it once per 3 rows of x), which keeps verification steps (2-9 rows) cheap.
+template <int MX, Kind KIND>
+inline void row(const uint8_t* q, const float* d, const float* m, const float* x, int64_t K, float* y,
+                int64_t ldy) {
+  __m256 acc[MX];
+  for (int i = 0; i < MX; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < K / 32; ++kb) {
+    const __m256 dv = KIND == Kind::F16 ? _mm256_setzero_ps() : _mm256_broadcast_ss(d + kb);
+    const __m256 mv = KIND == Kind::Q4_1 ? _mm256_broadcast_ss(m + kb) : _mm256_setzero_ps();
+    __m256 w[4];
+    weights32<KIND>(q, kb, dv, mv, w);
+    for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < MX; ++i)
+        acc[i] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + i * K + kb * 32 + g * 8), acc[i]);
+  }
+  for (int i = 0; i < MX; ++i) y[i * ldy] = hsum(acc[i]);
+}
+
+template <Kind KIND>
+inline void rows8(int64_t rows, const uint8_t* q, const float* d, const float* m, const float* x, int64_t K,
+                  float* y, int64_t ldy) {
+  switch (rows) {
+    case 8: return row<8, KIND>(q, d, m, x, K, y, ldy);
+    case 7: return row<7, KIND>(q, d, m, x, K, y, ldy);
+    case 6: return row<6, KIND>(q, d, m, x, K, y, ldy);
+    case 5: return row<5, KIND>(q, d, m, x, K, y, ldy);
+    case 4: return row<4, KIND>(q, d, m, x, K, y, ldy);
+    case 3: return row<3, KIND>(q, d, m, x, K, y, ldy);
+    case 2: return row<2, KIND>(q, d, m, x, K, y, ldy);
+    default: return row<1, KIND>(q, d, m, x, K, y, ldy);
+  }
+}
+
 template <Kind KIND>
 torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch::Tensor& d,
                   const torch::Tensor& m) {
@@ -105,14 +140,17 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
       const uint8_t* qb = Q + b * 4 * q_stride;
       const float* db = SCALED ? D + b * 4 * s_stride : nullptr;
       const float* mb = Q4 ? Mn + b * 4 * s_stride : nullptr;
-      for (int64_t i = 0; i < M; i += 3) {
-        const int64_t rows = std::min<int64_t>(3, M - i);
-        float* yb = Y + i * N + b * 4;
-        const float* xb = X + i * K;
-        if (rows == 3) block<3, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
-        else if (rows == 2) block<2, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
-        else block<1, KIND>(qb, q_stride, db, mb, s_stride, xb, K, yb, N);
+      if (M == 1) {
+        float* yb = Y + b * 4;
+        if (M == 3) block<3, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
+        else if (M == 2) block<2, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
+        else block<1, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
+        continue;
       }
+      for (int r = 0; r < 4; ++r)
+        for (int64_t i = 0; i < M; i += 8)
+          rows8<KIND>(std::min<int64_t>(8, M - i), qb + r * q_stride, SCALED ? db + r * s_stride : nullptr,
+                      Q4 ? mb + r * s_stride : nullptr, X + i * K, K, Y + i * N + b * 4 + r, N);
     }
   });
   return y;

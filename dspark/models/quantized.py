@@ -37,12 +37,12 @@ class BlockQuantized:
 
     @property
     def max_rows(self) -> int:
-        """Rows up to which this kernel beats the fp32 one: it rebuilds each weight once per 3 rows, so its
-        arithmetic grows with the rows while the fp32 kernel's time is the weight stream. Measured on the
-        2-core dev machine: SmolLM2 forwards of 1..5 tokens took 42, 45, 47, 48, 49 ms in fp32 and 28, 35,
-        38, 48, 50 from the Q4_1/Q8_0 blocks; fp16 weights of the drafter's shapes were 20-35% faster at 1
-        and 2 rows, even at 3 and slower from 4."""
-        return 2 if self.kind == "f16" else 3
+        """Rows up to which the block kernel beats the fp32 one. Rebuilding a weight is arithmetic that the
+        fp32 kernel does not do, paid once per weight and call (the kernel applies each rebuilt weight to up
+        to 8 rows of x), so the fewer the rows, the more the saved bytes dominate. SmolLM2 forwards of 1, 2,
+        3, 4, 5, 8, 16 tokens at batch 1 on the 2-core dev machine: fp32 50, 52, 54, 57, 58, 63, 98 ms;
+        blocks 28, 33, 34, 36, 41, 55, 98 ms."""
+        return 8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ops = native_ops()
