@@ -7,6 +7,7 @@ DSPARK_NATIVE_KERNELS=0, callers get None and use oneDNN / `F.linear` instead.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -34,6 +35,13 @@ def _build_dir(name: str) -> Path:
 
 
 SOURCES = ("bindings.cpp", "small_m_linear.cpp", "block_quant_linear.cpp", "decode_ops.cpp")
+HEADERS = ("simd.h",)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def _headers_digest() -> str:
+    """torch rebuilds when a source or a flag changes, not a header: the headers' digest goes in a flag."""
+    return hashlib.sha256(b"".join((_SOURCE_DIR / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
 
 
 @functools.cache
@@ -51,7 +59,7 @@ def native_ops() -> ModuleType | None:
             sources=[str(_SOURCE_DIR / f) for f in SOURCES],
             build_directory=str(_build_dir("cpu_kernels")),
             # -fopenmp: at::parallel_for is header code; without it the kernels run on one thread.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=[*CFLAGS, f"-DDSPARK_HEADERS={_headers_digest()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

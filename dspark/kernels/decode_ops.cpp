@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -31,12 +33,7 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+using dspark::hsum;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();

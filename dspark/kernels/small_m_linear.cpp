@@ -6,14 +6,11 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "simd.h"
+
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+using dspark::hsum;
 
 // out[m * ldy + r] = dot(w row r, x row m) for r < 4, m < MX.
 template <int MX>
