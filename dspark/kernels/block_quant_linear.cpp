@@ -4,10 +4,10 @@
 // The default target ships as GGUF: its layer weights are Q4_1 (per 32 weights: w = d * q + m, q in 0..15)
 // and its embedding / LM head Q8_0 (w = d * q, q in -127..127). Dequantized to fp32 they are exactly
 // d * q + m (d * q is exact in fp32), so the kernel rebuilds each weight vector in registers with one FMA
-// (one multiply for Q8_0): bit for bit the fp32 weight. The accumulation then follows small_m_linear's order
-// exactly (8-wide accumulators over k, 4 weight rows by up to 3 rows of x, the same horizontal sum), so the
-// output equals small_m_linear's bit for bit, while a decode step reads 0.625 (Q4_1) or 1.06 (Q8_0) bytes
-// per weight instead of 4: the step is memory-bound, and the bytes are the time.
+// (one multiply for Q8_0): bit for bit the fp32 weight. Each accumulator then takes its FMAs in ascending k
+// and is reduced by the same horizontal sum as small_m_linear's, so the output equals small_m_linear's bit for
+// bit, while a decode step reads 0.75 (Q4_1) or 1.13 (Q8_0) bytes per weight, fp32 scales included, instead
+// of 4: the step is memory-bound, and the bytes are the time.
 //
 // fp16 (a drafter's weights, stored as fp16 and widened exactly) works the same way with one conversion per
 // 8 weights and 2 bytes each.
@@ -49,42 +49,43 @@ inline void weights32(const uint8_t* q, int64_t kb, __m256 d, __m256 m, __m256 w
   }
 }
 
-// out[i * ldy + r] = dot(weight row r, x row i) for r < 4, i < MX. Each accumulator takes its FMAs in
-// ascending k, as small_m_linear's do: the same sums, bit for bit.
-template <int MX, Kind KIND>
-inline void block(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
-                  const float* x, int64_t K, float* y, int64_t ldy) {
-  __m256 acc[4][MX];
-  for (int r = 0; r < 4; ++r)
-    for (int i = 0; i < MX; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t kb = 0; kb < K / 32; ++kb) {
-    for (int r = 0; r < 4; ++r) {
-      const __m256 dv = KIND == Kind::F16 ? _mm256_setzero_ps() : _mm256_broadcast_ss(d + r * s_stride + kb);
-      const __m256 mv = KIND == Kind::Q4_1 ? _mm256_broadcast_ss(m + r * s_stride + kb) : _mm256_setzero_ps();
-      __m256 w[4];
-      weights32<KIND>(q + r * q_stride, kb, dv, mv, w);
-      for (int g = 0; g < 4; ++g)
-        for (int i = 0; i < MX; ++i)
-          acc[r][i] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + i * K + kb * 32 + g * 8), acc[r][i]);
-    }
-  }
-  for (int i = 0; i < MX; ++i)
-    for (int r = 0; r < 4; ++r) y[i * ldy + r] = hsum(acc[r][i]);
+// Block kb of one weight row (its scales d[kb], m[kb] where the format has them), rebuilt into w[0..3].
+template <Kind KIND>
+inline void rebuilt32(const uint8_t* q, const float* d, const float* m, int64_t kb, __m256 w[4]) {
+  const __m256 dv = KIND == Kind::F16 ? _mm256_setzero_ps() : _mm256_broadcast_ss(d + kb);
+  const __m256 mv = KIND == Kind::Q4_1 ? _mm256_broadcast_ss(m + kb) : _mm256_setzero_ps();
+  weights32<KIND>(q, kb, dv, mv, w);
 }
 
-// The same for one weight row against up to 8 rows of x: each weight is rebuilt once for all of them (the
-// 4-row block above, used for a single row of x where sharing its loads across 4 weight rows pays, would
-// rebuild it once per 3 rows of x), which keeps verification steps (2-9 rows) cheap.
+// One row of x against 4 weight rows: out[r] = dot(weight row r, x) for r < 4 (the 4 rows share the loads
+// of x, which pays when x is a single row).
+template <Kind KIND>
+inline void four_rows(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
+                      const float* x, int64_t K, float* y) {
+  __m256 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < K / 32; ++kb) {
+    for (int r = 0; r < 4; ++r) {
+      __m256 w[4];
+      const float* dr = d ? d + r * s_stride : nullptr;
+      const float* mr = m ? m + r * s_stride : nullptr;
+      rebuilt32<KIND>(q + r * q_stride, dr, mr, kb, w);
+      for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + kb * 32 + g * 8), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) y[r] = hsum(acc[r]);
+}
+
+// One weight row against up to 8 rows of x: each weight is rebuilt once for all of them, which keeps
+// verification steps (2-9 rows) cheap.
 template <int MX, Kind KIND>
 inline void row(const uint8_t* q, const float* d, const float* m, const float* x, int64_t K, float* y,
                 int64_t ldy) {
   __m256 acc[MX];
   for (int i = 0; i < MX; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < K / 32; ++kb) {
-    const __m256 dv = KIND == Kind::F16 ? _mm256_setzero_ps() : _mm256_broadcast_ss(d + kb);
-    const __m256 mv = KIND == Kind::Q4_1 ? _mm256_broadcast_ss(m + kb) : _mm256_setzero_ps();
     __m256 w[4];
-    weights32<KIND>(q, kb, dv, mv, w);
+    rebuilt32<KIND>(q, d, m, kb, w);
     for (int g = 0; g < 4; ++g)
       for (int i = 0; i < MX; ++i)
         acc[i] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + i * K + kb * 32 + g * 8), acc[i]);
@@ -138,10 +139,7 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
       const float* db = SCALED ? D + b * 4 * s_stride : nullptr;
       const float* mb = Q4 ? Mn + b * 4 * s_stride : nullptr;
       if (M == 1) {
-        float* yb = Y + b * 4;
-        if (M == 3) block<3, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
-        else if (M == 2) block<2, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
-        else block<1, KIND>(qb, q_stride, db, mb, s_stride, X, K, yb, N);
+        four_rows<KIND>(qb, q_stride, db, mb, s_stride, X, K, Y + b * 4);
         continue;
       }
       for (int r = 0; r < 4; ++r)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.kernels import small_m_linear
+from dspark.models.quantized import MAX_ROWS as BLOCK_MAX_ROWS
 from dspark.models.quantized import BlockQuantized, block_quantized
 
 # Up to this many rows the native kernel beats oneDNN on the dev machine (see the module docstring).
@@ -64,7 +65,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad:
             if self._small_m is not None and x.shape[0] <= SMALL_M_ROWS:
-                blocks = self._blocks is not None and x.shape[0] <= self._blocks.max_rows
+                blocks = self._blocks is not None and x.shape[0] <= BLOCK_MAX_ROWS
                 y = self._blocks(x) if blocks else self._small_m(x, self.weight)
                 return y if self.bias is None else y.add_(self.bias)
             if self._packed is not None:

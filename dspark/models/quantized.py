@@ -21,6 +21,12 @@ from dspark.kernels import native_ops
 
 BLOCK = 32  # weights per block in both GGUF formats
 DISABLE_ENV = "DSPARK_BLOCK_QUANT"  # "0": never use block-quantized weights (A/B measurements)
+# Rows of x up to which the block kernel beats the fp32 one. Rebuilding a weight is arithmetic that the fp32
+# kernel does not do, paid once per weight and call (the kernel applies each rebuilt weight to up to 8 rows
+# of x), so the fewer the rows, the more the saved bytes dominate. SmolLM2 forwards of 1, 2, 3, 4, 5, 8, 16
+# tokens at batch 1 on the 2-core dev machine: fp32 50, 52, 54, 57, 58, 63, 98 ms; blocks 28, 33, 34, 36, 41,
+# 55, 98 ms.
+MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -34,15 +40,6 @@ class BlockQuantized:
     q: torch.Tensor
     d: torch.Tensor | None = None  # [N, K/32] fp32 (q4_1, q8_0)
     m: torch.Tensor | None = None  # [N, K/32] fp32 (q4_1)
-
-    @property
-    def max_rows(self) -> int:
-        """Rows up to which the block kernel beats the fp32 one. Rebuilding a weight is arithmetic that the
-        fp32 kernel does not do, paid once per weight and call (the kernel applies each rebuilt weight to up
-        to 8 rows of x), so the fewer the rows, the more the saved bytes dominate. SmolLM2 forwards of 1, 2,
-        3, 4, 5, 8, 16 tokens at batch 1 on the 2-core dev machine: fp32 50, 52, 54, 57, 58, 63, 98 ms;
-        blocks 28, 33, 34, 36, 41, 55, 98 ms."""
-        return 8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ops = native_ops()

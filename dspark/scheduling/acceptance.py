@@ -114,8 +114,9 @@ class OnlineAcceptanceEstimator:
             positions = np.concatenate([np.arange(len(rows[i])) for i in chosen])
             stacked = np.concatenate([rows[i] for i in chosen])
             modelled = positions < len(weights)
-            w = weights[np.minimum(positions, len(weights) - 1)]
-            logits = w[:, 0] + (w[:, 1:] * stacked).sum(1) + bonus[np.minimum(positions, len(bonus) - 1)]
+            index = np.minimum(positions, len(weights) - 1)
+            w = weights[index]
+            logits = w[:, 0] + (w[:, 1:] * stacked).sum(1) + bonus[index]
             values = _sigmoid(logits) * modelled
             for i, part in zip(
                 chosen, np.split(values, np.cumsum([len(rows[i]) for i in chosen])[:-1]), strict=True
