@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from dspark.kernels import native_ops, small_m_linear
 from dspark.models.linear import Linear
-from dspark.models.quantized import DISABLE_ENV, block_quantized
+from dspark.models.quantized import DISABLE_ENV, MAX_ROWS, block_quantized
 
 needs_kernel = pytest.mark.skipif(native_ops() is None, reason="native kernels unavailable on this machine")
 
@@ -56,7 +56,7 @@ def test_recovered_blocks_rebuild_the_weight_and_its_products_exactly(
     assert blocks is not None and blocks.kind == kind
     assert torch.equal(blocks.dequantize(), w)
     fp32 = small_m_linear()
-    for rows in (1, 2, 3, 4, 7, 12, 16):
+    for rows in (1, 2, 3, 4, 7, 12, 16, 41, MAX_ROWS):
         x = torch.randn(rows, in_features, generator=gen)
         y = blocks(x)
         assert torch.equal(y, fp32(x, w)), f"{rows} rows: not the fp32 kernel's products"
@@ -75,14 +75,18 @@ def test_weights_that_are_not_block_quantized_stay_fp32(monkeypatch):
 
 
 @needs_kernel
-def test_linear_layer_uses_the_blocks_for_few_rows_only():
+def test_linear_layer_uses_the_blocks_up_to_max_rows_and_rows_do_not_interact():
     layer = Linear(96, 64)
     layer.weight.data = ggml_q4_1(torch.randn(64, 96))
     layer.pack()
     assert layer.weight_format == "q4_1"
-    for rows in (1, 3, 8, 9, 16, 17, 100):  # 9+: the fp32 kernel; 17+: oneDNN
-        x = torch.randn(rows, 96)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+    x = torch.randn(MAX_ROWS + 36, 96)
+    alone = torch.cat([layer._blocks(row[None]) for row in x])
+    for rows in (1, 3, 8, 9, 16, 17, MAX_ROWS):
+        # each row's output is the one it gets alone: a verify step sees the logits a decode step would
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+    for rows in (MAX_ROWS + 1, MAX_ROWS + 36):  # prefill chunks: oneDNN
+        torch.testing.assert_close(layer(x[:rows]), F.linear(x[:rows], layer.weight), rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel

@@ -253,7 +253,9 @@ def test_ragged_batch_equals_requests_alone(ragged_model, shapes):
     layout = model.layout(slots, [c for c, _ in shapes], [n for _, n in shapes])
     flat = torch.tensor([t for (c, _), h in zip(shapes, histories, strict=True) for t in h[c:]])
     batched = model(flat, layout, cache).logits
-    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    # The linear kernel depends on the step's row count (block kernel up to quantized.MAX_ROWS, oneDNN past
+    # it), and the summation orders differ by ~1e-7 relative per product, compounded over the layers.
+    torch.testing.assert_close(batched, torch.cat(alone), atol=5e-4, rtol=1e-4)
     for slot, hist in zip(slots, histories, strict=True):
         assert cache.lengths[slot] == len(hist)
 

@@ -8,7 +8,8 @@ Prefill chunks (many rows) are compute-bound and go to oneDNN. The dense weight 
 truth (checkpoints, tied embeddings); the packed copy is derived, used only on CPU in fp32.
 
 A weight that is exactly block-quantized (the GGUF default target's, dspark/models/quantized.py) is read
-in its blocks by the few-row kernel instead: the same products bit for bit, from 4-5x fewer bytes.
+in its blocks by the block kernel instead, up to `quantized.MAX_ROWS` rows: the same products as the
+small-M kernel bit for bit, from 4-5x fewer bytes.
 """
 
 from __future__ import annotations
@@ -64,10 +65,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad:
-            if self._small_m is not None and x.shape[0] <= SMALL_M_ROWS:
-                blocks = self._blocks is not None and x.shape[0] <= BLOCK_MAX_ROWS
-                y = self._blocks(x) if blocks else self._small_m(x, self.weight)
-                return y if self.bias is None else y.add_(self.bias)
-            if self._packed is not None:
+            rows = x.shape[0]
+            if self._blocks is not None and rows <= BLOCK_MAX_ROWS:
+                y = self._blocks(x)
+            elif self._small_m is not None and rows <= SMALL_M_ROWS:
+                y = self._small_m(x, self.weight)
+            elif self._packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            else:
+                return F.linear(x, self.weight, self.bias)
+            return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -21,12 +21,12 @@ from dspark.kernels import native_ops
 
 BLOCK = 32  # weights per block in both GGUF formats
 DISABLE_ENV = "DSPARK_BLOCK_QUANT"  # "0": never use block-quantized weights (A/B measurements)
-# Rows of x up to which the block kernel beats the fp32 one. Rebuilding a weight is arithmetic that the fp32
-# kernel does not do, paid once per weight and call (the kernel applies each rebuilt weight to up to 8 rows
-# of x), so the fewer the rows, the more the saved bytes dominate. SmolLM2 forwards of 1, 2, 3, 4, 5, 8, 16
-# tokens at batch 1 on the 2-core dev machine: fp32 50, 52, 54, 57, 58, 63, 98 ms; blocks 28, 33, 34, 36, 41,
-# 55, 98 ms.
-MAX_ROWS = 8
+# Rows of x up to which the block kernel is used. It rebuilds each group of 4 weight rows once per call and
+# multiplies it by every row of x with the fp32 kernel's micro-kernel; summed over SmolLM2-135M's 121 matmuls
+# on the 2-core dev machine (A/B in one run, ms): 16 rows 54 (fp32 small-M kernel 73, oneDNN 96), 32 rows 85
+# (95, 111), 64 rows 169 (190, 194), 96 rows 257 (260, 274). Past that, prefill chunks go to oneDNN, whose
+# cache blocking wins on long chunks.
+MAX_ROWS = 64
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 6  # bump when kernels or the step's code path change what a step costs
+PROFILE_VERSION = 7  # bump when kernels or the step's code path change what a step costs
 
 
 class CostProfile(BaseModel):
