@@ -61,7 +61,11 @@ class DSparkEngine:
         self.workers = start_replica(cfg)
         self.monitor = ServingMonitor(RayMetricsSink())
         self.engine = AsyncEngine(
-            self.workers.engine, self.monitor, cfg.max_queued_requests, cfg.stream_interval_s
+            self.workers.engine,
+            self.monitor,
+            cfg.max_queued_requests,
+            cfg.stream_interval_s,
+            cfg.max_stream_interval_s,
         )
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[RequestOutput]:

@@ -41,7 +41,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     cfg = serve_config(args.max_batch_size, args.proposer)
     engine = AsyncEngine(
-        build_engine(cfg.engine, defer_profile=True), None, cfg.max_queued_requests, cfg.stream_interval_s
+        build_engine(cfg.engine, defer_profile=True),
+        None,
+        cfg.max_queued_requests,
+        cfg.stream_interval_s,
+        cfg.max_stream_interval_s,
     )
     app = create_app(engine, cfg.model_id, cfg.default_max_tokens, cfg.api_key)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

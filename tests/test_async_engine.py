@@ -9,6 +9,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import pytest
 
@@ -179,6 +180,32 @@ def test_stream_interval_merges_steps_but_not_the_first_or_last_message():
     # token 1 at once; token 2 one step later is held (within the interval); the final step carries it
     assert [o.token_ids for o in outputs] == [[1], [2, 3]]
     assert outputs[-1].finished and "".join(o.text for o in outputs) == "xxx"
+
+
+def test_stream_interval_grows_with_the_streams_up_to_its_ceiling():
+    engine = AsyncEngine(SlowEngine(), stream_interval_s=0.1, max_stream_interval_s=0.5)  # type: ignore[arg-type]
+    try:
+        intervals = []
+        for n in (0, 1, 2, 4, 8, 32):
+            engine._streams = {f"r{i}": None for i in range(n)}  # type: ignore[misc]
+            intervals.append(engine.stream_interval())
+        engine._streams = {}
+    finally:
+        engine.shutdown()
+    assert intervals == pytest.approx([0.1, 0.1, 0.2, 0.4, 0.5, 0.5])
+    assert AsyncEngine.stream_interval(_Intervals(0.0, 0.5, 8)) == 0.0  # 0: a message per step, any load
+    assert AsyncEngine.stream_interval(_Intervals(0.1, 0.0, 8)) == 0.1  # a ceiling below the floor: the floor
+
+
+@dataclass
+class _Intervals:
+    stream_interval_s: float
+    max_stream_interval_s: float
+    streams: int
+
+    @property
+    def _streams(self) -> dict:
+        return dict.fromkeys(range(self.streams))
 
 
 def test_a_caller_cancelled_before_admission_leaves_nothing_behind():

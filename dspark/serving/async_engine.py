@@ -61,11 +61,13 @@ class AsyncEngine:
         monitor: ServingMonitor | None = None,
         max_queued_requests: int = 64,
         stream_interval_s: float = 0.0,
+        max_stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.monitor = monitor
         self.max_queued_requests = max_queued_requests
         self.stream_interval_s = stream_interval_s
+        self.max_stream_interval_s = max_stream_interval_s
         self._lock = threading.Lock()  # held by the engine thread around every step and command
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._work = threading.Event()
@@ -128,15 +130,23 @@ class AsyncEngine:
                 finished = item.finished
                 held = item if held is None else _merged(held, item)
                 # The first output goes at once (time to first token); later ones at most every
-                # stream_interval_s, so a message carries several steps' tokens (the last one never waits).
+                # interval, so a message carries several steps' tokens (the last one never waits).
                 now = time.monotonic()
-                if finished or now - last_sent >= self.stream_interval_s:
+                if finished or now - last_sent >= self.stream_interval():
                     last_sent, out, held = now, held, None
                     yield out
         finally:
             self._streams.pop(rid, None)
             if not finished:  # the consumer left early: free the slot at the next step
                 self.abort(rid)
+
+    def stream_interval(self) -> float:
+        """Seconds between a request's messages: stream_interval_s per streaming request, between
+        stream_interval_s and max_stream_interval_s. Each message costs the replica, the ingress and the
+        proxy CPU that the engine's step waits for (measured at 32 requests on 2 cores: 0.1 s gave 66.8 tok/s
+        served against 78.5 in process, 0.5 s gave 76.3)."""
+        scaled = self.stream_interval_s * max(1, len(self._streams))
+        return max(self.stream_interval_s, min(self.max_stream_interval_s, scaled))
 
     def _submit(self, command: _Command) -> None:
         """Run `command` on the engine thread before its next step. The event loop never waits for the

@@ -53,9 +53,14 @@ class ServeConfig(BaseModel):
     drafter_num_cpus: float = Field(1, gt=0, description="CPUs of a disaggregated drafter actor")
     drafter_num_gpus: float = Field(0, ge=0)
     stream_interval_s: float = Field(
-        0.1, ge=0, description="a request's messages go out at most this often (its first token and its "
-        "end at once): one message carries the tokens of several steps, which saves the hops to the client "
-        "their per-message work (0: a message per step, like vLLM's default)",
+        0.1, ge=0, description="a request's messages go out at most this often when it streams alone (its "
+        "first token and its end at once): one message carries the tokens of several steps, which saves the "
+        "hops to the client their per-message work (0: a message per step, like vLLM's default)",
+    )  # fmt: skip
+    max_stream_interval_s: float = Field(
+        0.5, ge=0, description="with N requests streaming from a replica, each one's interval is "
+        "stream_interval_s x N, up to this: the replica's message rate stays near 1 / stream_interval_s "
+        "until then, so under load the CPU goes to the engine instead of the hops",
     )  # fmt: skip
     max_queued_requests: int = Field(
         64, ge=0, description="requests a replica holds beyond its running batch (engine.max_batch_size); "
