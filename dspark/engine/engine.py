@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dspark.engine.config import EngineConfig
+from dspark.engine.prefix_cache import PrefixCache
 from dspark.engine.request import Request, RequestOutput, ResumeState
 from dspark.engine.stats import SpecStats, SpecSummary, StepReport
 from dspark.errors import InvalidRequestError
@@ -118,6 +119,9 @@ class Engine:
         self.stats = SpecStats()
         self.last_step = StepReport()
         self.profile_measurement = profile_measurement
+        # Observers must see every prompt row, and tensor-parallel ranks hold their own caches: no reuse.
+        reuse = config.prefix_cache_blocks and not self.observers and model.tp_leader is None
+        self.prefix_cache = PrefixCache(config.prefix_cache_blocks) if reuse else None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -222,6 +226,8 @@ class Engine:
                 s.request.reseed()
         self._propose(scheduled)
         logits = self._forward(scheduled)
+        if self.prefix_cache is not None:
+            self._store_prefixes(scheduled)
         for s in scheduled:
             if not s.final:  # a prompt chunk: everything it fed stays cached
                 self._observe(s.request, s.first_row, len(s.chunk))
@@ -248,10 +254,27 @@ class Engine:
         for r in prefilling:
             if budget <= 0:
                 break
+            if r.num_cached == 0 and self.prefix_cache is not None:
+                self._reuse_prefix(r)
             chunk = r.pending[:budget]
             scheduled.append(_Scheduled(r, chunk, final=len(chunk) == len(r.pending)))
             budget -= len(chunk)
         return scheduled
+
+    def _reuse_prefix(self, r: Request) -> None:
+        """Before a prompt's first chunk: take its longest cached prefix, keeping at least the last token to
+        compute (its logits give the first output token)."""
+        limit = min(len(r.prompt_ids), len(r.pending) - 1)
+        reused = self.prefix_cache.load(self.cache, r.slot, r.prompt_ids, limit)
+        r.num_cached += reused
+        del r.pending[:reused]
+
+    def _store_prefixes(self, scheduled: list[_Scheduled]) -> None:
+        """Offer the prompt blocks this step's forward completed to the prefix cache."""
+        for s in scheduled:
+            r = s.request
+            if r.num_cached < len(r.prompt_ids):
+                self.prefix_cache.store(self.cache, r.slot, r.prompt_ids, r.num_cached + len(s.chunk))
 
     def _draft_limit(self, s: _Scheduled) -> int:
         r = s.request

@@ -61,3 +61,18 @@ class KVCache:
         self.k[:, target, :, :n] = self.k[:, source, :, :n]
         self.v[:, target, :, :n] = self.v[:, source, :, :n]
         self.lengths[target] = n
+
+    def read_positions(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of cached positions [start, end): [layers, kv_heads, n, head_dim]."""
+        if not 0 <= start <= end <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, not [{start}, {end})")
+        return self.k[:, slot, :, start:end].clone(), self.v[:, slot, :, start:end].clone()
+
+    def write_positions(self, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append keys/values [layers, kv_heads, n, head_dim] at `start`, the slot's current length."""
+        if start != self.lengths[slot] or start + keys.shape[2] > self.max_len:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions: cannot write at {start}")
+        end = start + keys.shape[2]
+        self.k[:, slot, :, start:end] = keys
+        self.v[:, slot, :, start:end] = values
+        self.lengths[slot] = end
