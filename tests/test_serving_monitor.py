@@ -12,6 +12,7 @@ from deployments.autoscaling import SQUEEZED_PERIODS, squeezed_decision
 from deployments.router import ExpectedLoadRouter
 from dspark.assembly import build_engine
 from dspark.engine import EngineConfig
+from dspark.engine.prefix_cache import BLOCK_TOKENS
 from dspark.engine.stats import StepReport
 from dspark.sampling import SamplingParams
 from dspark.scheduling import VerificationConfig
@@ -71,6 +72,15 @@ def test_monitor_counts_match_the_engine(default_model, tokenizer):
     load = monitor.load()
     assert load.running == 2 and load.waiting == 0  # the last step's view, before finished requests left
     assert 0 < load.verification_budget <= 4
+
+    # Both prompts started prefill in the same step, before either was cached; a third one reuses them.
+    assert sink.total("dspark_prefix_cache_queries") == 2 * len(engine.encode_prompt(prompt))
+    assert sink.total("dspark_prefix_cache_hits") == 0
+    engine.add_request(prompt, SamplingParams(max_tokens=2))
+    while engine.has_unfinished():
+        monitor.on_step(engine, engine.step())
+    reusable = (len(engine.encode_prompt(prompt)) - 1) // BLOCK_TOKENS * BLOCK_TOKENS  # the last one computes
+    assert reusable and sink.total("dspark_prefix_cache_hits") == reusable
 
 
 def test_expected_load_and_router_ranking():

@@ -266,6 +266,8 @@ class Engine:
         compute (its logits give the first output token)."""
         limit = min(len(r.prompt_ids), len(r.pending) - 1)
         reused = self.prefix_cache.load(self.cache, r.slot, r.prompt_ids, limit)
+        self.last_step.prefix_queried += len(r.prompt_ids)
+        self.last_step.prefix_hits += reused
         r.num_cached += reused
         del r.pending[:reused]
 

@@ -19,6 +19,8 @@ class StepReport:
     offered: int = 0  # draft tokens the proposer offered
     verified: int = 0  # draft tokens the policy sent to verification
     drafter_fallbacks: int = 0  # requests given no draft because the drafter failed (plain decoding)
+    prefix_queried: int = 0  # prompt tokens of requests starting prefill, looked up in the prefix cache
+    prefix_hits: int = 0  # of those, reused from it (no prefill)
 
     @property
     def squeeze(self) -> float:

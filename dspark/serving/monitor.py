@@ -30,6 +30,8 @@ METRICS: dict[str, tuple[str, str, list[float] | None]] = {
     "dspark_drafter_fallbacks": (
         "counter", "requests decoded without drafts: the draft worker failed or missed its deadline", None
     ),
+    "dspark_prefix_cache_queries": ("counter", "prompt tokens looked up in the prefix cache", None),
+    "dspark_prefix_cache_hits": ("counter", "prompt tokens reused from the prefix cache (no prefill)", None),
     "dspark_request_tau": ("histogram", "tokens per verification step of finished requests", TAU_BUCKETS),
     "dspark_verification_budget": ("gauge", "mean draft tokens verified per speculating request", None),
     "dspark_budget_squeeze": ("gauge", "share of offered speculation the scheduler cut (recent steps)", None),
@@ -82,6 +84,9 @@ class ServingMonitor:
         step = engine.last_step
         self.sink.record("dspark_queue_length", step.waiting)
         self.sink.record("dspark_running_requests", step.running)
+        if step.prefix_queried:
+            self.sink.record("dspark_prefix_cache_queries", step.prefix_queried)
+            self.sink.record("dspark_prefix_cache_hits", step.prefix_hits)
 
     def load(self) -> LoadSummary:
         return self._load
