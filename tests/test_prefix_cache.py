@@ -84,24 +84,28 @@ def _hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 def test_reused_prefixes_keep_greedy_output_the_targets_own(
     default_model, tokenizer, hf_model, dev_prompts, to_chat_ids
 ):
-    """One request at a time, so each later prompt reuses the shared system turn; the last one is a second
-    turn of the first conversation and reuses that whole conversation's blocks."""
+    """One request at a time, so each later prompt reuses the shared system turn; a second turn of the first
+    conversation reuses its prompt and the reply the engine generated."""
     engine = build_engine(
         EngineConfig(proposer="ngram", max_batch_size=1), model=default_model, tokenizer=tokenizer
     )
     first = [{"role": "user", "content": dev_prompts[0]}]
-    reply = engine.generate([to_chat_ids(dev_prompts[0])], SamplingParams(max_tokens=24))[0].text
+    first_ids = to_chat_ids(dev_prompts[0])
+    reply = engine.generate([first_ids], SamplingParams(max_tokens=24))[0].text
     conversation = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
     second_turn = list(
         tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                       return_dict=True)["input_ids"]
     )  # fmt: skip
-    prompts = [to_chat_ids(dev_prompts[5]), to_chat_ids(dev_prompts[9]), second_turn]
-    hits_before = engine.prefix_cache.hit_tokens
-    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
-    assert got == [_hf_greedy(hf_model, p, 24) for p in prompts]
-    shared_first_turn = len(to_chat_ids(dev_prompts[0])) // B * B
-    assert engine.prefix_cache.hit_tokens - hits_before >= 2 * B + shared_first_turn
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    others = [to_chat_ids(dev_prompts[5]), to_chat_ids(dev_prompts[9])]
+    hits = engine.prefix_cache.hit_tokens
+    got = [c.token_ids for c in engine.generate(others, params)]
+    assert engine.prefix_cache.hit_tokens - hits >= 2 * B  # the system turn, at least
+    hits = engine.prefix_cache.hit_tokens
+    got += [c.token_ids for c in engine.generate([second_turn], params)]
+    assert engine.prefix_cache.hit_tokens - hits > len(first_ids)  # into the reply
+    assert got == [_hf_greedy(hf_model, p, 24) for p in [*others, second_turn]]
 
 
 class _Recorder(TargetObserver):

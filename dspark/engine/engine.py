@@ -420,6 +420,8 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         if r.slot is not None:
+            if self.prefix_cache is not None:  # a conversation's next turn resends this reply
+                self.prefix_cache.store(self.cache, r.slot, r.prompt_ids + r.output_ids, r.num_cached)
             self.cache.free(r.slot)
             r.slot = None
         for observer in self.observers:

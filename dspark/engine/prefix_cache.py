@@ -4,11 +4,13 @@ Chat prompts share long prefixes: every SmolLM2 chat prompt starts with the same
 multi-turn conversation resends all earlier turns. Prefill is compute-bound on a CPU (~400 tokens/s here), so
 recomputing those positions is pure waste.
 
-The cache keeps the KV of prompt positions in blocks of `BLOCK_TOKENS`, keyed by (the id of the block before
-it, the block's tokens): a block is only reachable through the exact chain of tokens before it, so a match is
-exact, with no hash collisions to worry about. A request admitted to a slot gets the longest chain of cached
-blocks over its prompt copied into the slot and skips their prefill. Least recently used blocks are dropped
-beyond `max_blocks`; a child of a dropped block becomes unreachable and ages out the same way.
+The cache keeps the KV of prompt positions (while a prompt is prefilled) and of prompt and output positions
+(when a request ends: a conversation's next turn resends the reply) in blocks of `BLOCK_TOKENS`, keyed by (the
+id of the block before it, the block's tokens): a block is only reachable through the exact chain of tokens
+before it, so a match is exact, with no hash collisions to worry about. A prompt starting its prefill gets
+the longest chain of cached blocks over it copied into its slot and skips their prefill. Least recently used
+blocks are dropped beyond `max_blocks`; a child of a dropped block becomes unreachable and ages out the same
+way.
 
 The reused KV was computed in another request's prefill chunk, so it can differ from what this request would
 have computed in its own chunk by float rounding (kernels sum differently at different row counts), exactly as
@@ -68,11 +70,12 @@ class PrefixCache:
         self.hit_tokens += reused
         return reused
 
-    def store(self, cache: KVCache, slot: int, prompt: list[int], cached: int) -> None:
-        """Keep the complete blocks of prompt[:cached] (positions already in the slot) not kept yet."""
+    def store(self, cache: KVCache, slot: int, tokens: list[int], cached: int) -> None:
+        """Keep the complete blocks of tokens[:cached] (positions already in the slot) not kept yet: a prompt
+        while it is prefilled, prompt and output when the request ends."""
         parent = 0
-        for end in range(BLOCK_TOKENS, min(cached, len(prompt)) + 1, BLOCK_TOKENS):
-            key = (parent, tuple(prompt[end - BLOCK_TOKENS : end]))
+        for end in range(BLOCK_TOKENS, min(cached, len(tokens)) + 1, BLOCK_TOKENS):
+            key = (parent, tuple(tokens[end - BLOCK_TOKENS : end]))
             block = self._blocks.get(key)
             if block is None:
                 keys, values = cache.read_positions(slot, end - BLOCK_TOKENS, end)
