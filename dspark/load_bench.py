@@ -152,6 +152,8 @@ def run_load_bench(config: LoadBenchConfig) -> dict:
             for name in order:
                 if policies[name] is not None:
                     engine.policy = policies[name]
+                if engine.prefix_cache is not None:  # no arm reuses the prompts an earlier run cached
+                    engine.prefix_cache.clear()
                 run = closed_loop(engine, prompts, c, num_requests, params, speculate=name != "plain")
                 results[name][c].append(run)
                 progress.update(1)

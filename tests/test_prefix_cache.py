@@ -123,5 +123,9 @@ def test_no_reuse_when_an_observer_must_see_every_prompt_row(default_model, toke
     assert build_engine(config, model=default_model, tokenizer=tokenizer).prefix_cache is not None
     observed = build_engine(config, model=default_model, tokenizer=tokenizer, observers=[_Recorder()])
     assert observed.prefix_cache is None
-    off = EngineConfig(proposer="none", max_batch_size=1, prefix_cache_blocks=0)
+    off = EngineConfig(proposer="none", max_batch_size=1, prefix_cache_mib=0)
     assert build_engine(off, model=default_model, tokenizer=tokenizer).prefix_cache is None
+    small = EngineConfig(proposer="none", max_batch_size=1, prefix_cache_mib=1)
+    engine = build_engine(small, model=default_model, tokenizer=tokenizer)
+    block_bytes = engine.cache.bytes_per_position * B  # 30 layers x 3 KV heads x 64 x 2 x fp32 x 16
+    assert block_bytes == 2 * 30 * 3 * 64 * 4 * B and engine.prefix_cache.max_blocks == 2**20 // block_bytes

@@ -53,10 +53,10 @@ class EngineConfig(BaseModel):
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave as is)")
     pack_weights: bool = Field(True, description="oneDNN-packed linear weights on CPU")
-    prefix_cache_blocks: int = Field(
-        256, ge=0,
-        description="prompt-prefix KV blocks of 16 tokens kept for reuse by later prompts (0: off; 0.7 MB "
-        "each for the default model; not used with a drafter that reads the target's hidden states)",
+    prefix_cache_mib: int = Field(
+        1024, ge=0,
+        description="MiB of prompt-prefix KV kept for reuse by later prompts (0: off; 1 GiB holds "
+        "~22k positions of the default model; unused with a drafter that reads the target's hidden states)",
     )  # fmt: skip
 
     @property

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dspark.engine.config import EngineConfig
-from dspark.engine.prefix_cache import PrefixCache
+from dspark.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from dspark.engine.request import Request, RequestOutput, ResumeState
 from dspark.engine.stats import SpecStats, SpecSummary, StepReport
 from dspark.errors import InvalidRequestError
@@ -120,8 +120,9 @@ class Engine:
         self.last_step = StepReport()
         self.profile_measurement = profile_measurement
         # Observers must see every prompt row, and tensor-parallel ranks hold their own caches: no reuse.
-        reuse = config.prefix_cache_blocks and not self.observers and model.tp_leader is None
-        self.prefix_cache = PrefixCache(config.prefix_cache_blocks) if reuse else None
+        blocks = config.prefix_cache_mib * 2**20 // (cache.bytes_per_position * BLOCK_TOKENS)
+        reuse = blocks and not self.observers and model.tp_leader is None
+        self.prefix_cache = PrefixCache(blocks) if reuse else None
 
     # ---- requests -------------------------------------------------------------------------------------
 

@@ -51,6 +51,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def clear(self) -> None:
+        """Forget every block (benchmarks: each run starts cold)."""
+        self._blocks.clear()
+
     def load(self, cache: KVCache, slot: int, prompt: list[int], limit: int) -> int:
         """Copy the longest cached prefix of prompt[:limit] into an empty slot; returns its length (a multiple
         of BLOCK_TOKENS, 0 on a miss)."""

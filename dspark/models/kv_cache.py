@@ -32,6 +32,12 @@ class KVCache:
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property
+    def bytes_per_position(self) -> int:
+        """Keys and values of one position over all layers."""
+        layers, _, kv_heads, _, head_dim = self.k.shape
+        return 2 * layers * kv_heads * head_dim * self.k.element_size()
+
+    @property
     def num_slots(self) -> int:
         return len(self.lengths)
 
