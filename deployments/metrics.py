@@ -25,7 +25,8 @@ class RayMetricsSink:
     def record(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
         metric = self._metrics[name]
         if isinstance(metric, metrics.Counter):
-            metric.inc(value, tags=tags)
+            if value > 0:  # Ray refuses (raises on) a counter increment of 0
+                metric.inc(value, tags=tags)
         elif isinstance(metric, metrics.Gauge):
             metric.set(value, tags=tags)
         else:

@@ -25,6 +25,7 @@ class RecordingSink:
 
     def record(self, name: str, value: float, tags: dict[str, str] | None = None) -> None:
         assert name in METRICS, name
+        assert METRICS[name][0] != "counter" or value > 0, f"{name} += {value}: Ray raises on that"
         self.values[(name, tuple(sorted((tags or {}).items())))].append(value)
 
     def total(self, name: str) -> float:

@@ -86,6 +86,7 @@ class ServingMonitor:
         self.sink.record("dspark_running_requests", step.running)
         if step.prefix_queried:
             self.sink.record("dspark_prefix_cache_queries", step.prefix_queried)
+        if step.prefix_hits:
             self.sink.record("dspark_prefix_cache_hits", step.prefix_hits)
 
     def load(self) -> LoadSummary:
