@@ -38,6 +38,11 @@ class _Block:
     values: torch.Tensor
 
 
+def _key(parent: int, tokens: list[int], end: int) -> tuple[int, tuple[int, ...]]:
+    """The key of the block of tokens[end - BLOCK_TOKENS : end] that follows block `parent`."""
+    return parent, tuple(tokens[end - BLOCK_TOKENS : end])
+
+
 class PrefixCache:
     def __init__(self, max_blocks: int) -> None:
         if max_blocks < 1:
@@ -61,7 +66,7 @@ class PrefixCache:
         self.queried_tokens += len(prompt)
         found, parent = [], 0
         for end in range(BLOCK_TOKENS, limit + 1, BLOCK_TOKENS):
-            key = (parent, tuple(prompt[end - BLOCK_TOKENS : end]))
+            key = _key(parent, prompt, end)
             block = self._blocks.get(key)
             if block is None:
                 break
@@ -79,7 +84,7 @@ class PrefixCache:
         while it is prefilled, prompt and output when the request ends."""
         parent = 0
         for end in range(BLOCK_TOKENS, min(cached, len(tokens)) + 1, BLOCK_TOKENS):
-            key = (parent, tuple(tokens[end - BLOCK_TOKENS : end]))
+            key = _key(parent, tokens, end)
             block = self._blocks.get(key)
             if block is None:
                 keys, values = cache.read_positions(slot, end - BLOCK_TOKENS, end)
