@@ -82,7 +82,7 @@ def test_linear_layer_uses_the_blocks_up_to_max_rows_and_rows_do_not_interact():
     assert layer.weight_format == "q4_1"
     x = torch.randn(MAX_ROWS + 36, 96)
     alone = torch.cat([layer._blocks(row[None]) for row in x])
-    for rows in (1, 3, 8, 9, 16, 17, MAX_ROWS):
+    for rows in (1, 3, 4, 7, 8, 9, 16, 17, MAX_ROWS):
         # each row's output is the one it gets alone: a verify step sees the logits a decode step would
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
     for rows in (MAX_ROWS + 1, MAX_ROWS + 36):  # prefill chunks: oneDNN

@@ -145,6 +145,47 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
     assert draft.probs is None and draft.confidences.shape == (GAMMA,)
 
 
+@pytest.mark.parametrize("shipped", [False, True])
+def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model, shipped: bool):
+    """The native draft step (context append, block layers, greedy Markov draw) gives the PyTorch path's
+    drafts and confidences for a batch of requests with contexts of different lengths, over several steps."""
+    def drafter() -> DSparkDrafter:  # a copy each: proposers pack their drafter
+        return load_drafter(SHIPPED_DRAFTER, default_model) if shipped else copy.deepcopy(random_drafter)
+
+    fused, plain = DSparkProposer(drafter()), DSparkProposer(drafter())
+    if fused.drafter.fused is None:
+        pytest.skip("native kernels unavailable on this machine")
+    plain.drafter.fused = None
+    width = default_model.cfg.hidden_size * len(fused.hidden_layers)
+    gen = torch.Generator().manual_seed(1)
+
+    class Req:
+        def __init__(self, i: int, length: int) -> None:
+            self.request_id, self.params, self.generator = f"r{i}", SamplingParams(), None
+            self.token_ids = torch.randint(0, default_model.cfg.vocab_size, (length,), generator=gen).tolist()
+
+    requests = [Req(i, length) for i, length in enumerate((5, 40, 300))]
+    for r in requests:
+        for chunk in torch.randn(len(r.token_ids) - 1, width, generator=gen).split(17):
+            fused.observe(r, chunk)
+            plain.observe(r, chunk)
+    for _ in range(3):
+        lengths = [7, 3, 5]
+        for a, b in zip(fused.propose(requests, lengths), plain.propose(requests, lengths), strict=True):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(a.confidences, b.confidences, rtol=1e-4, atol=1e-5)
+        for r in requests:  # the next step commits two tokens
+            r.token_ids += [3, 7]
+            rows = torch.randn(2, width, generator=gen)
+            fused.observe(r, rows)
+            plain.observe(r, rows)
+    for r in requests:
+        for a, b in zip(fused.contexts[r.request_id], plain.contexts[r.request_id], strict=True):
+            assert a.length == b.length == len(r.token_ids) - 1
+            torch.testing.assert_close(a.keys[:, : a.length], b.keys[:, : b.length], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.values[:, : a.length], b.values[:, : b.length], rtol=1e-4, atol=1e-4)
+
+
 def test_checkpoint_round_trips(random_drafter, default_model, tmp_path):
     """Both flavours of the standard folder load back to the same tensors; the project's own omits the
     reduced LM head (the target's rows, rebuilt from d2t), the vLLM one carries it."""

@@ -34,8 +34,8 @@ def _build_dir(name: str) -> Path:
     return path
 
 
-SOURCES = ("bindings.cpp", "small_m_linear.cpp", "block_quant_linear.cpp", "decode_ops.cpp")
-HEADERS = ("simd.h",)
+SOURCES = ("bindings.cpp", "small_m_linear.cpp", "block_quant_linear.cpp", "decode_ops.cpp", "draft_ops.cpp")
+HEADERS = ("simd.h", "attention.h")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 

@@ -58,6 +58,19 @@ class Linear(nn.Module):
         """What the few-row kernel reads: a block format (q4_1, q8_0), f16, or fp32."""
         return "fp32" if self._blocks is None else self._blocks.kind
 
+    def kernel_spec(self) -> tuple[int, list[torch.Tensor]]:
+        """This layer for the native fused kernels (dspark/kernels/draft_ops.cpp): a kind (-1 any fp32 path,
+        0 the fp32 few-row kernel, 1 fp16, 2 Q8_0, 3 Q4_1) and [fp32 weight, q, d, m] (empty where the format
+        has none). They choose by rows as `forward` does."""
+        empty = self.weight.new_empty(0)
+        if self.bias is not None:
+            raise ValueError("the fused kernels take linear layers without bias")
+        if self._blocks is not None:
+            kind = {"f16": 1, "q8_0": 2, "q4_1": 3}[self._blocks.kind]
+            parts = (self._blocks.q, self._blocks.d, self._blocks.m)
+            return kind, [self.weight, *(empty if p is None else p for p in parts)]
+        return (0 if self._small_m is not None else -1), [self.weight, empty, empty, empty]
+
     def unpack(self) -> None:
         self._packed = None
         self._small_m = None

@@ -269,7 +269,8 @@ class ContextBuffer:
         self.keys = like.new_empty(kv_heads, 256, head_dim)
         self.values = like.new_empty(kv_heads, 256, head_dim)
 
-    def _reserve(self, rows: int) -> None:
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` rows (context and a block after it), keeping the context."""
         if rows <= self.keys.shape[1]:
             return
         capacity = max(2 * self.keys.shape[1], rows)
@@ -282,7 +283,7 @@ class ContextBuffer:
     def write_block(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Keys/values [n, kv_heads, head_dim] after the context (not kept); returns where they end."""
         end = self.length + k.shape[0]
-        self._reserve(end)
+        self.reserve(end)
         self.keys[:, self.length : end] = k.transpose(0, 1)
         self.values[:, self.length : end] = v.transpose(0, 1)
         return end
@@ -432,6 +433,67 @@ class ConfidenceHead(nn.Module):
         self.proj = nn.Linear(width, 1, bias=True)
 
 
+class FusedDraft:
+    """A packed drafter's inference in three native calls (dspark/kernels/draft_ops.cpp): the block layers,
+    the context append and the greedy Markov draw. Same weights, kernels and arithmetic as the PyTorch path
+    (`draft_hidden` and friends without it), without its ~600 small ops per call, which cost more than the
+    matmuls (a draft block is only 7 rows per request)."""
+
+    def __init__(self, drafter: DSparkDrafter, native) -> None:
+        cfg = drafter.cfg
+        self.native = native
+        self.eps = cfg.rms_norm_eps
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layer_weights: list[torch.Tensor] = []
+        self.layer_kinds: list[int] = []
+        self.context_weights: list[torch.Tensor] = [*drafter.fc.kernel_spec()[1], drafter.hidden_norm.weight]
+        self.context_kinds: list[int] = [drafter.fc.kernel_spec()[0]]
+        for layer in drafter.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, attn.q_norm, attn.k_norm, layer.post_attention_layernorm)
+            self.layer_weights += [norm.weight for norm in norms]
+            for linear in (attn.qkv_packed, attn.o_proj, mlp.gate_up_packed, mlp.down_proj):
+                kind, tensors = linear.kernel_spec()
+                self.layer_kinds.append(kind)
+                self.layer_weights += tensors
+            kind, tensors = attn.kv_packed.kernel_spec()
+            self.context_kinds.append(kind)
+            self.context_weights += [*tensors, attn.k_norm.weight]
+        self.final_norm = drafter.norm.weight
+        self.w1 = drafter.markov_head.markov_w1.weight.detach().contiguous()
+        self.w2_kind, self.w2 = drafter.markov_head.markov_w2.kernel_spec()
+        self.draft_to_target = drafter.draft_to_target.contiguous()
+
+    def layers(self, x, cos, sin, contexts: list[list[ContextBuffer]], rows: int) -> torch.Tensor:
+        for context in contexts:
+            for buffer in context:
+                buffer.reserve(buffer.length + rows)
+        buffers = [b for context in contexts for b in context]
+        return self.native.draft_layers(
+            x, cos, sin, self.layer_weights, self.layer_kinds, [b.keys for b in buffers],
+            [b.values for b in buffers], [c[0].length for c in contexts], rows, self.heads, self.kv_heads,
+            self.eps, self.final_norm,
+        )  # fmt: skip
+
+    def append(self, buffers: list[ContextBuffer], features: torch.Tensor, cos, sin) -> None:
+        end = buffers[0].length + len(features)
+        for buffer in buffers:
+            buffer.reserve(end)
+        self.native.draft_context_append(
+            features, cos, sin, self.context_weights, self.context_kinds, [b.keys for b in buffers],
+            [b.values for b in buffers], buffers[0].length, self.eps,
+        )  # fmt: skip
+        for buffer in buffers:
+            buffer.length = end
+
+    def markov_greedy(self, base: torch.Tensor, anchors: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+        """Greedy draws (target ids [requests, steps]) and their previous tokens' W1 rows."""
+        tokens, embeddings = self.native.markov_greedy(
+            base, anchors, self.w1, self.w2_kind, self.w2, self.draft_to_target, steps
+        )
+        return tokens, embeddings
+
+
 class DSparkDrafter(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
@@ -456,6 +518,7 @@ class DSparkDrafter(nn.Module):
                                cfg.max_position_embeddings)  # fmt: skip
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.fused: FusedDraft | None = None  # inference on CPU, after `pack_for_inference`
 
     # ---- wiring -------------------------------------------------------------------------------------------
 
@@ -560,12 +623,29 @@ class DSparkDrafter(nn.Module):
         r's context is contexts[r] (per layer): the injected keys/values of positions [0, positions[r])."""
         rows = self.cfg.block_size
         x, cos, sin = self._block_input(anchors, positions)
+        if self.fused is not None:
+            hidden = self.fused.layers(x, cos.flatten(1), sin.flatten(1), contexts, rows)
+            hidden = hidden.view(len(anchors), rows, -1)
+            return hidden if self.cfg.sample_from_anchor else hidden[:, 1:]
         for i, layer in enumerate(self.layers):
             buffers = [c[i] for c in contexts]
             x = x + layer.self_attn.attend_buffers(layer.input_layernorm(x), cos, sin, buffers, rows)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = self.norm(x).view(len(anchors), rows, -1)
         return hidden if self.cfg.sample_from_anchor else hidden[:, 1:]
+
+    def append_context(self, buffers: list[ContextBuffer], target_hidden: torch.Tensor) -> None:
+        """Inference: the injected keys/values of a request's next committed rows (their target states
+        [rows, layers * target width]) appended to its per-layer buffers."""
+        start = buffers[0].length
+        positions = torch.arange(start, start + len(target_hidden), device=target_hidden.device)
+        if self.fused is not None:
+            features = target_hidden.to(torch.float32).contiguous()
+            self.fused.append(buffers, features, self.rope_cos[positions], self.rope_sin[positions])
+            return
+        kv = self.context_keys_values(self.context_features(target_hidden), positions)
+        for buffer, (k, v) in zip(buffers, kv, strict=True):
+            buffer.append(k, v)
 
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
@@ -590,6 +670,8 @@ class DSparkDrafter(nn.Module):
         if self.confidence_head is not None:
             proj = self.confidence_head.proj
             self.confidence_head.proj = _packed_linear(proj.weight.detach(), proj.bias.detach())
+        if native is not None and self.embed_tokens.device.type == "cpu":
+            self.fused = FusedDraft(self, native)
 
     # ---- the sequential stage and confidence --------------------------------------------------------------
 

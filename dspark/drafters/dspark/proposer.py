@@ -59,10 +59,7 @@ class DSparkProposer(Proposer):
         context = self.contexts.get(request.request_id)
         if context is None:
             context = self.contexts[request.request_id] = self.drafter.new_context()
-        positions = torch.arange(context[0].length, context[0].length + len(features))
-        kv = self.drafter.context_keys_values(self.drafter.context_features(features), positions)
-        for buffer, (k, v) in zip(context, kv, strict=True):
-            buffer.append(k, v)
+        self.drafter.append_context(context, features)
 
     def release(self, request: DraftRequest) -> None:
         self.contexts.pop(request.request_id, None)
@@ -106,6 +103,12 @@ class DSparkProposer(Proposer):
         d = self.drafter
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
+        if all(greedy) and d.fused is not None and d.confidence_head is not None:
+            drawn, embeddings = d.fused.markov_greedy(base, anchors, steps)
+            confidences = self._confidences(hidden[:, :steps], embeddings, greedy)
+            token_ids = drawn.tolist()
+            return [Draft(tokens=token_ids[i][: max_lens[i]], confidences=confidences[i, : max_lens[i]])
+                    for i in range(len(requests))]  # fmt: skip
         sampling = None if all(greedy) else params_tensors(params, [1] * len(requests))
         tokens, probs, embeddings, top_probs = [], [], [], []
         prev = anchors

@@ -1,0 +1,214 @@
+// The DSpark drafter's inference step in a few native calls (dspark/drafters/dspark/model.py, `FusedDraft`).
+//
+// A draft call multiplies only 7 rows per request by each weight, so in PyTorch it spent more time in Python and
+// per-op dispatch (~600 small ops: norms, RoPE, slicing, per-request attention, the Markov loop) than in the
+// matmuls. Here each stage is one call that runs the same arithmetic as the PyTorch path: the engine's linear
+// kernels on the same packed weights, the same RMSNorm kernel, RoPE in the rotate-half convention, and softmax
+// attention of each block against its request's context keys/values (bidirectional inside the block).
+//
+// A linear layer comes from the Python side (`Linear.kernel_spec`) as 4 tensors (the fp32 weight, then the
+// packed q, d, m, undefined where the format has none) and a kind: -1 any (at::linear), 0 fp32 few-row kernel,
+// 1 fp16, 2 Q8_0, 3 Q4_1; the row limits below are the ones `Linear.forward` uses.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "attention.h"
+
+torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor q4_1_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                          const torch::Tensor& m);
+torch::Tensor q8_0_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d);
+torch::Tensor f16_linear(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
+
+namespace {
+
+constexpr int64_t kBlockMaxRows = 64;  // dspark/models/quantized.py MAX_ROWS
+constexpr int64_t kSmallMRows = 16;    // dspark/models/linear.py SMALL_M_ROWS
+constexpr int64_t kTensorsPerLinear = 4;
+constexpr int64_t kTensorsPerLayer = 4 + 4 * kTensorsPerLinear;  // 4 norms, then qkv, o, gate_up, down
+
+torch::Tensor linear(const torch::Tensor& x, int64_t kind, const torch::Tensor* t) {
+  const int64_t rows = x.size(0);
+  if (kind > 0 && rows <= kBlockMaxRows) {
+    if (kind == 1) return f16_linear(x, t[1]);
+    if (kind == 2) return q8_0_linear(x, t[1], t[2]);
+    return q4_1_linear(x, t[1], t[2], t[3]);
+  }
+  if (kind >= 0 && rows <= kSmallMRows) return small_m_linear(x, t[0]);
+  return at::linear(x, t[0]);
+}
+
+// RMSNorm of every head_dim-wide piece of x's columns [offset, offset + heads * hd), then RoPE (rotate-half:
+// x * cos + roll(x, hd / 2) * signed_sin, with the tables' rows of each row's position). Returns [T, heads, hd].
+torch::Tensor norm_rope_heads(const torch::Tensor& x, int64_t offset, int64_t heads, int64_t hd,
+                              const torch::Tensor& norm, double eps, const torch::Tensor& cos,
+                              const torch::Tensor& sin) {
+  const int64_t T = x.size(0);
+  torch::Tensor y = rms_norm_rows(x.narrow(1, offset, heads * hd).reshape({T * heads, hd}), norm, eps);
+  float* Y = y.data_ptr<float>();
+  const float* C = cos.data_ptr<float>();
+  const float* S = sin.data_ptr<float>();
+  const int64_t half = hd / 2;
+  std::vector<float> row(hd);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = Y + (t * heads + h) * hd;
+      std::copy(v, v + hd, row.begin());
+      for (int64_t i = 0; i < hd; ++i) v[i] = row[i] * C[t * hd + i] + row[(i + half) % hd] * S[t * hd + i];
+    }
+  return y.view({T, heads, hd});
+}
+
+// Rows [first, first + n) of k / v [*, kv_heads, hd] into a context buffer [kv_heads, capacity, hd] from row `at`.
+void write_rows(const torch::Tensor& k, const torch::Tensor& v, int64_t first, int64_t n, torch::Tensor& keys,
+                torch::Tensor& values, int64_t at) {
+  const int64_t kv_heads = keys.size(0), capacity = keys.size(1), hd = keys.size(2);
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == torch::kFloat32 &&
+                  values.sizes() == keys.sizes() && at + n <= capacity,
+              "context buffer too small or not contiguous fp32");
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  float* KB = keys.data_ptr<float>();
+  float* VB = values.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t src = ((first + i) * kv_heads + h) * hd, dst = (h * capacity + at + i) * hd;
+      std::copy(K + src, K + src + hd, KB + dst);
+      std::copy(V + src, V + src + hd, VB + dst);
+    }
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  torch::Tensor out = torch::empty({T, I}, gate_up.options());
+  const float* G = gate_up.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = G[t * 2 * I + j];
+      O[t * I + j] = g / (1.0f + std::exp(-g)) * G[t * 2 * I + I + j];
+    }
+  return out;
+}
+
+}  // namespace
+
+// The draft layers and final norm over R blocks of `rows` rows (x [R * rows, D], embedded blocks; cos / sin
+// [R * rows, hd], their positions' RoPE rows). Request r's block attends to its context, rows [0, lengths[r])
+// of keys / values[r * L + l] ([kv_heads, capacity, hd] per layer l), and to all of its own rows, whose keys /
+// values are written after the context (scratch: the context length is not advanced).
+torch::Tensor draft_layers(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                           const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
+                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                           const std::vector<int64_t>& lengths, int64_t rows, int64_t heads, int64_t kv_heads,
+                           double eps, const torch::Tensor& final_norm) {
+  const int64_t L = static_cast<int64_t>(weights.size()) / kTensorsPerLayer, R = lengths.size();
+  const int64_t T = x.size(0), hd = keys.at(0).size(2), group = heads / kv_heads;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && T == R * rows, "x must be [R * rows, D]");
+  TORCH_CHECK(static_cast<int64_t>(kinds.size()) == 4 * L && static_cast<int64_t>(keys.size()) == R * L &&
+                  values.size() == keys.size() && hd % 8 == 0 && hd <= dspark::kMaxHeadDim,
+              "inconsistent draft_layers arguments");
+  const torch::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* w = weights.data() + l * kTensorsPerLayer;
+    const torch::Tensor* lin = w + 4;
+    const int64_t* kind = kinds.data() + 4 * l;
+    const torch::Tensor qkv = linear(rms_norm_rows(x, w[0], eps), kind[0], lin);
+    const torch::Tensor q = norm_rope_heads(qkv, 0, heads, hd, w[1], eps, c, s);
+    const torch::Tensor k = norm_rope_heads(qkv, heads * hd, kv_heads, hd, w[2], eps, c, s);
+    const torch::Tensor v = qkv.narrow(1, (heads + kv_heads) * hd, kv_heads * hd).contiguous();
+    for (int64_t r = 0; r < R; ++r)
+      write_rows(k, v, r * rows, rows, keys[r * L + l], values[r * L + l], lengths[r]);
+    torch::Tensor attn = torch::zeros({T, heads * hd}, x.options());
+    const float* Q = q.data_ptr<float>();
+    float* O = attn.data_ptr<float>();
+    at::parallel_for(0, R * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / heads, h = item % heads, length = lengths[r] + rows;
+        const torch::Tensor& K = keys[r * L + l];
+        const float* Kh = K.data_ptr<float>() + (h / group) * K.size(1) * hd;
+        const float* Vh = values[r * L + l].data_ptr<float>() + (h / group) * K.size(1) * hd;
+        p.resize(length + 8);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = (r * rows + i) * heads + h;
+          dspark::attend_row(Q + row * hd, Kh, Vh, length, hd, scale, p.data(), O + row * hd);
+        }
+      }
+    });
+    x = x + linear(attn, kind[1], lin + kTensorsPerLinear);
+    const torch::Tensor gate_up = linear(rms_norm_rows(x, w[3], eps), kind[2], lin + 2 * kTensorsPerLinear);
+    x = x + linear(silu_mul(gate_up), kind[3], lin + 3 * kTensorsPerLinear);
+  }
+  return rms_norm_rows(x, final_norm, eps);
+}
+
+// A request's new context rows: features [n, layers * target width] -> fc -> hidden_norm, then per draft layer
+// l its keys (k_norm, RoPE at the rows' positions) and values, written to keys / values[l] from row `start`.
+// weights: fc's 4, hidden_norm, then per layer kv's 4 and k_norm; kinds: fc's, then each layer's kv's.
+void draft_context_append(const torch::Tensor& features, const torch::Tensor& cos, const torch::Tensor& sin,
+                          const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
+                          std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, int64_t start,
+                          double eps) {
+  const int64_t L = keys.size(), n = features.size(0), kv_heads = keys.at(0).size(0), hd = keys.at(0).size(2);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 5 + L * 5 && static_cast<int64_t>(kinds.size()) == 1 + L,
+              "inconsistent draft_context_append arguments");
+  const torch::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const torch::Tensor f = rms_norm_rows(linear(features.contiguous(), kinds[0], weights.data()), weights[4], eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* w = weights.data() + 5 + 5 * l;
+    const torch::Tensor kv = linear(f, kinds[1 + l], w);
+    const torch::Tensor k = norm_rope_heads(kv, 0, kv_heads, hd, w[4], eps, c, s);
+    const torch::Tensor v = kv.narrow(1, kv_heads * hd, kv_heads * hd).contiguous();
+    write_rows(k, v, 0, n, keys[l], values[l], start);
+  }
+}
+
+// The Markov head's greedy draw, left to right: position k's token is the argmax over the draft vocabulary of
+// base[:, k] + W2 . W1[previous token] (the first previous token is the anchor). base [R, S, V]; anchors [R]
+// target ids; w1 [vocab, rank]; w2 as a linear (kind, 4 tensors); draft_to_target [V]. Returns the drawn target
+// ids [R, steps] and the previous-token embeddings W1[x_{k-1}] [R, steps, rank] (the confidence head's input).
+std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const torch::Tensor& anchors,
+                                         const torch::Tensor& w1, int64_t w2_kind,
+                                         const std::vector<torch::Tensor>& w2, const torch::Tensor& draft_to_target,
+                                         int64_t steps) {
+  const torch::Tensor base = base_in.contiguous();
+  const int64_t R = base.size(0), S = base.size(1), V = base.size(2), rank = w1.size(1);
+  TORCH_CHECK(base.scalar_type() == torch::kFloat32 && steps <= S && anchors.size(0) == R &&
+                  draft_to_target.size(0) == V && w1.is_contiguous() && w1.scalar_type() == torch::kFloat32,
+              "inconsistent markov_greedy arguments");
+  torch::Tensor tokens = torch::empty({R, steps}, anchors.options().dtype(torch::kInt64));
+  torch::Tensor embeddings = torch::empty({R, steps, rank}, base.options());
+  torch::Tensor prev_embedding = torch::empty({R, rank}, base.options());
+  const int64_t* d2t = draft_to_target.data_ptr<int64_t>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+  TORCH_CHECK(anchors.scalar_type() == torch::kInt64 && anchors.is_contiguous(), "anchors must be int64");
+  std::vector<int64_t> prev(anchors.data_ptr<int64_t>(), anchors.data_ptr<int64_t>() + R);
+  for (int64_t id : prev) TORCH_CHECK(id >= 0 && id < w1.size(0), "anchor id ", id, " outside the vocabulary");
+  for (int64_t k = 0; k < steps; ++k) {
+    float* e = prev_embedding.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = w1.data_ptr<float>() + prev[r] * rank;
+      std::copy(row, row + rank, e + r * rank);
+      std::copy(row, row + rank, embeddings.data_ptr<float>() + (r * steps + k) * rank);
+    }
+    const torch::Tensor bias = linear(prev_embedding, w2_kind, w2.data());
+    const float* B = bias.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      const float* b = base.data_ptr<float>() + (r * S + k) * V;
+      const float* br = B + r * V;
+      int64_t best = 0;
+      float best_value = b[0] + br[0];
+      for (int64_t j = 1; j < V; ++j) {
+        const float value = b[j] + br[j];
+        if (value > best_value) best_value = value, best = j;  // the first maximum, as torch.argmax
+      }
+      out[r * steps + k] = prev[r] = d2t[best];
+    }
+  }
+  return {tokens, embeddings};
+}
