@@ -149,6 +149,7 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
 def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model, shipped: bool):
     """The native draft step (context append, block layers, greedy Markov draw) gives the PyTorch path's
     drafts and confidences for a batch of requests with contexts of different lengths, over several steps."""
+
     def drafter() -> DSparkDrafter:  # a copy each: proposers pack their drafter
         return load_drafter(SHIPPED_DRAFTER, default_model) if shipped else copy.deepcopy(random_drafter)
 

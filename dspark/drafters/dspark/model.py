@@ -486,12 +486,10 @@ class FusedDraft:
         for buffer in buffers:
             buffer.length = end
 
-    def markov_greedy(self, base: torch.Tensor, anchors: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+    def markov_greedy(self, base: torch.Tensor, anchors: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Greedy draws (target ids [requests, steps]) and their previous tokens' W1 rows."""
-        tokens, embeddings = self.native.markov_greedy(
-            base, anchors, self.w1, self.w2_kind, self.w2, self.draft_to_target, steps
-        )
-        return tokens, embeddings
+        w1, w2, d2t = self.w1, self.w2, self.draft_to_target
+        return self.native.markov_greedy(base, anchors, w1, self.w2_kind, w2, d2t, steps)
 
 
 class DSparkDrafter(nn.Module):
