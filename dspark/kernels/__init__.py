@@ -45,6 +45,13 @@ def _headers_digest() -> str:
 
 
 @functools.cache
+def sources_digest() -> str:
+    """A digest of every kernel source and header: what a step costs changes with them (cost profiles)."""
+    files = sorted((*SOURCES, *HEADERS))
+    return hashlib.sha256(b"".join((_SOURCE_DIR / f).read_bytes() for f in files)).hexdigest()[:16]
+
+
+@functools.cache
 def native_ops() -> ModuleType | None:
     """The compiled CPU kernels (`small_m_linear`, `rms_norm_rows`, `block_attention`), or None."""
     if os.environ.get("DSPARK_NATIVE_KERNELS", "1") == "0":

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
+from dspark.kernels import sources_digest
 from dspark.models.linear import Linear
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Proposer
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 7  # bump when kernels or the step's code path change what a step costs
+PROFILE_VERSION = 8  # bump when the step's Python code path changes what a step costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -200,7 +201,7 @@ def profile_key(
         platform.machine(), platform.processor(), str(torch.get_num_threads()), torch.__version__,
         str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
         f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
-        str(max_requests), str(num_speculative_tokens), proposer_name, str(PROFILE_VERSION),
+        str(max_requests), str(num_speculative_tokens), proposer_name, str(PROFILE_VERSION), sources_digest(),
         ",".join(sorted({m.weight_format for m in model.modules() if isinstance(m, Linear)})),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
