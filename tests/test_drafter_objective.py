@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from dspark.drafters.dspark.calibration import expected_calibration_error, fit_sts, prefix_ece
+from dspark.drafters.dspark.calibration import (
+    cross_fitted_ece,
+    expected_calibration_error,
+    fit_sts,
+    prefix_ece,
+)
 from dspark.training.data import Sequence
 from dspark.training.losses import drafter_loss, position_weights, target_distribution, total_variation
 from dspark.training.train import build_draft_vocab
@@ -64,10 +70,11 @@ def _synthetic_blocks(n: int = 20000, gamma: int = 3):
     return true_logits, torch.bernoulli(torch.sigmoid(true_logits)), torch.ones(n, gamma)
 
 
-def test_sts_undoes_overconfidence_position_by_position():
+@pytest.mark.parametrize("objective", ["log_loss", "ece"])
+def test_sts_undoes_overconfidence_position_by_position(objective):
     true_logits, survived, valid = _synthetic_blocks()
     overconfident = true_logits * torch.tensor([3.0, 2.0, 0.5])  # temperatures to find: 3, 2, 0.5
-    scalings = fit_sts(overconfident, survived, valid, with_offset=False)
+    scalings = fit_sts(overconfident, survived, valid, with_offset=False, objective=objective)
     for found, expected in zip(scalings, [3.0, 2.0, 0.5], strict=True):
         assert abs(math.log(found.temperature / expected)) < 0.2 and found.offset == 0
     before = prefix_ece(overconfident, survived, valid)
@@ -75,15 +82,32 @@ def test_sts_undoes_overconfidence_position_by_position():
     assert all(a < 0.02 for a in after) and all(b > 0.05 for b in before[:2])
 
 
-def test_offset_fixes_a_shift_that_temperature_cannot():
+@pytest.mark.parametrize("objective", ["log_loss", "ece"])
+def test_offset_fixes_a_shift_that_temperature_cannot(objective):
     true_logits, survived, valid = _synthetic_blocks()
     shifted = true_logits + 1.5  # overestimates every position by the same margin
     temperature_only = prefix_ece(
-        shifted, survived, valid, fit_sts(shifted, survived, valid, with_offset=False)
+        shifted, survived, valid, fit_sts(shifted, survived, valid, with_offset=False, objective=objective)
     )
-    scalings = fit_sts(shifted, survived, valid)
+    scalings = fit_sts(shifted, survived, valid, objective=objective)
     assert all(abs(s.offset + 1.5) <= 0.2 for s in scalings)
     assert max(prefix_ece(shifted, survived, valid, scalings)) < 0.02 < max(temperature_only)
+
+
+def test_cross_fitted_ece_scores_each_fold_with_a_fit_that_never_saw_it():
+    """Two folds whose confidences are off by different margins: each is calibrated by its own fit, but
+    cross-fitting scores it with the other fold's, which does not transfer."""
+    true_logits, survived, valid = _synthetic_blocks()
+    half = len(true_logits) // 2
+    folds = [
+        (true_logits[:half] + 2.0, survived[:half], valid[:half]),
+        (true_logits[half:], survived[half:], valid[half:]),
+    ]
+    for fold in folds:
+        assert max(prefix_ece(*fold, fit_sts(*fold))) < 0.02
+    assert min(cross_fitted_ece(folds, fit_sts)) > 0.1
+    same = [folds[1], (true_logits[:half], survived[:half], valid[:half])]
+    assert max(cross_fitted_ece(same, fit_sts)) < 0.02
 
 
 def test_draft_vocabulary_takes_the_most_produced_tokens():

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dspark.drafters.dspark.calibration import Calibration, fit_shared, fit_sts, prefix_ece
+from dspark.drafters.dspark.calibration import (
+    Calibration,
+    PositionScaling,
+    cross_fitted_ece,
+    fit_shared,
+    fit_sts,
+    prefix_ece,
+)
 from dspark.drafters.dspark.checkpoint import save_drafter
 from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
 from dspark.models.llama import Transformer
@@ -339,35 +347,41 @@ def holdout_scores(drafter: DSparkDrafter, holdout: list[Sequence]) -> dict[str,
 
 
 def calibrate(drafter: DSparkDrafter, holdout: list[Sequence]) -> tuple[Calibration, dict]:
-    """Fit STS on half of the held-out sequences for greedy (argmax match) and sampled (1 - TV) acceptance;
-    report the per-position ECE of the prefix survival on the other half: raw, with temperatures only (the
-    paper's STS), as shipped (temperature and offset), and with the one shared scaling a vLLM export folds
-    into the confidence head."""
-    fit_scores, test = holdout_scores(drafter, holdout[::2]), holdout_scores(drafter, holdout[1::2])
-    fitted = {
-        mode: {offset: fit_sts(fit_scores["logits"], fit_scores[mode], fit_scores["valid"], offset)
-               for offset in (False, True)}
-        for mode in ("greedy", "sampled")
-    }  # fmt: skip
-    shared = {mode: fit_shared(fit_scores["logits"], fit_scores[mode], fit_scores["valid"])
-              for mode in ("greedy", "sampled")}  # fmt: skip
-    calibration = Calibration(
-        greedy=fitted["greedy"][True], sampled=fitted["sampled"][True],
-        greedy_shared=shared["greedy"], sampled_shared=shared["sampled"],
-    )  # fmt: skip
-    report: dict = {"fit_blocks": len(fit_scores["logits"]), "test_blocks": len(test["logits"])}
-    gamma = test["logits"].shape[1]
+    """Fit the per-position scalings on the held-out sequences for greedy (argmax match) and sampled (1 - TV)
+    acceptance. Every way of fitting is judged by the per-position ECE of the prefix survival, cross-fitted
+    over two folds of sequences: raw, the paper's STS (temperatures by least ECE), least-ECE temperatures and
+    offsets, log-loss Platt per position, and the one shared scaling a vLLM export folds into the confidence
+    head. Each mode ships the per-position fit whose worst position is best, refitted on both folds."""
+    halves = [holdout_scores(drafter, holdout[::2]), holdout_scores(drafter, holdout[1::2])]
+    every = {key: torch.cat([h[key] for h in halves]) for key in halves[0]}
+    gamma = every["logits"].shape[1]
+    per_position: dict[str, Callable[..., list[PositionScaling]]] = {
+        "sts_temperature_only": lambda *scores: fit_sts(*scores, with_offset=False, objective="ece"),
+        "sts_ece_with_offset": lambda *scores: fit_sts(*scores, objective="ece"),
+        "log_loss_with_offset": lambda *scores: fit_sts(*scores, objective="log_loss"),
+    }
+    report: dict = {"blocks": len(every["logits"]), "folds": len(halves)}
+    fitted = {}
     for mode in ("greedy", "sampled"):
-        outcomes, valid = test[mode], test["valid"]
+        scores = (every["logits"], every[mode], every["valid"])
+        folds = [(h["logits"], h[mode], h["valid"]) for h in halves]
+        ece = {arm: cross_fitted_ece(folds, fit) for arm, fit in per_position.items()}
+        ece["shared_folded"] = cross_fitted_ece(folds, lambda *s: [fit_shared(*s)] * gamma)
+        chosen = min(per_position, key=lambda arm: max(ece[arm]))
+        fitted[mode] = (per_position[chosen](*scores), fit_shared(*scores))
+        valid = every["valid"]
         report[mode] = {
-            "scalings": [x.model_dump() for x in fitted[mode][True]],
-            "shared_scaling": shared[mode].model_dump(),
-            "ece_raw": prefix_ece(test["logits"], outcomes, valid),
-            "ece_sts_temperature_only": prefix_ece(test["logits"], outcomes, valid, fitted[mode][False]),
-            "ece_shipped": prefix_ece(test["logits"], outcomes, valid, fitted[mode][True]),
-            "ece_shared_folded": prefix_ece(test["logits"], outcomes, valid, [shared[mode]] * gamma),
-            "acceptance_by_position": (outcomes * valid).sum(0).div(valid.sum(0)).tolist(),
+            "shipped": chosen,
+            "scalings": [x.model_dump() for x in fitted[mode][0]],
+            "shared_scaling": fitted[mode][1].model_dump(),
+            "ece_raw": prefix_ece(*scores),
+            **{f"ece_{arm}": values for arm, values in ece.items()},
+            "acceptance_by_position": ((every[mode] * valid).sum(0) / valid.sum(0)).tolist(),
         }
+    calibration = Calibration(
+        greedy=fitted["greedy"][0], sampled=fitted["sampled"][0],
+        greedy_shared=fitted["greedy"][1], sampled_shared=fitted["sampled"][1],
+    )  # fmt: skip
     return calibration, report
 
 
