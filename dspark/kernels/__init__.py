@@ -35,7 +35,7 @@ def _build_dir(name: str) -> Path:
 
 
 SOURCES = ("bindings.cpp", "small_m_linear.cpp", "block_quant_linear.cpp", "decode_ops.cpp", "draft_ops.cpp")
-HEADERS = ("simd.h", "attention.h")
+HEADERS = ("simd.h", "attention.h", "ops.h")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 

@@ -15,13 +15,7 @@
 #include <vector>
 
 #include "attention.h"
-
-torch::Tensor small_m_linear(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor q4_1_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
-                          const torch::Tensor& m);
-torch::Tensor q8_0_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d);
-torch::Tensor f16_linear(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps);
+#include "ops.h"
 
 namespace {
 
