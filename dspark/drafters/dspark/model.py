@@ -446,8 +446,9 @@ class FusedDraft:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layer_weights: list[torch.Tensor] = []
         self.layer_kinds: list[int] = []
-        self.context_weights: list[torch.Tensor] = [*drafter.fc.kernel_spec()[1], drafter.hidden_norm.weight]
-        self.context_kinds: list[int] = [drafter.fc.kernel_spec()[0]]
+        fc_kind, fc = drafter.fc.kernel_spec()
+        self.context_weights: list[torch.Tensor] = [*fc, drafter.hidden_norm.weight]
+        self.context_kinds: list[int] = [fc_kind]
         for layer in drafter.layers:
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, attn.q_norm, attn.k_norm, layer.post_attention_layernorm)
