@@ -70,7 +70,9 @@ def fit_sts(
     with_offset: bool = True,
     objective: Literal["log_loss", "ece"] = "log_loss",
 ) -> list[PositionScaling]:
-    """Per-position scalings for confidence logits [blocks, gamma], fitted left to right.
+    """Per-position scalings for confidence logits [blocks, gamma]: by `ece`, left to right (position k's
+    grid point given the scalings already fitted before it); by `log_loss`, each position on the blocks that
+    reached it with their earlier positions surviving.
 
     survived[b, k]: did position k survive given positions < k did (0/1, or a probability for sampled
     verification); valid[b, k]: the block reaches position k. The prefix outcome multiplies `survived`
