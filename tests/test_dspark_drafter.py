@@ -180,8 +180,11 @@ def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model
             rows = torch.randn(2, width, generator=gen)
             fused.observe(r, rows)
             plain.observe(r, rows)
+    fused.propose(requests, [1, 1, 1])  # computes the keys/values of the rows observed since the last call
+    plain.propose(requests, [1, 1, 1])
     for r in requests:
-        for a, b in zip(fused.contexts[r.request_id], plain.contexts[r.request_id], strict=True):
+        pair = fused.contexts[r.request_id].buffers, plain.contexts[r.request_id].buffers
+        for a, b in zip(*pair, strict=True):
             assert a.length == b.length == len(r.token_ids) - 1
             torch.testing.assert_close(a.keys[:, : a.length], b.keys[:, : b.length], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(a.values[:, : a.length], b.values[:, : b.length], rtol=1e-4, atol=1e-4)

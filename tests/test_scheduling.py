@@ -45,7 +45,7 @@ def test_profile_interpolates_tokens_and_requests():
     assert profile.target_seconds(8, 8) == pytest.approx(0.040)  # past the largest count: linear in n
     assert profile.draft_seconds(8) == pytest.approx(0.006)
     assert profile.step_seconds(1, 2) == pytest.approx(0.013)
-    assert profile.step_seconds(1, 2, drafted=False) == pytest.approx(0.012)
+    assert profile.step_seconds(1, 2, drafted=0) == pytest.approx(0.012)
     assert profile.steps_per_second(4)(8) == pytest.approx(1 / 0.043)
 
 
@@ -223,7 +223,7 @@ CONFIDENCES = [np.array([0.9, 0.8, 0.5]), np.array([0.4, 0.9]), np.array([])]
 def test_fixed_and_threshold():
     shape = StepShape(3, 3, 3)
     fixed = build_policy(VerificationConfig(policy="fixed"), None)
-    assert fixed.wants_drafts(shape, 3) and fixed.lengths(CONFIDENCES, shape) == [3, 2, 0]
+    assert fixed.drafting(shape, 3, "ngram") == 3 and fixed.lengths(CONFIDENCES, shape) == [3, 2, 0]
     threshold = build_policy(VerificationConfig(policy="threshold", threshold=0.5), None)
     # survival: [0.9, 0.72, 0.36] and [0.4, 0.36]
     assert threshold.lengths(CONFIDENCES, shape) == [2, 0, 0]
@@ -248,13 +248,28 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():
     costly_drafter = _profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]], draft_ms=[50.0, 200.0])
     policy = ScheduledVerification(costly_drafter, draft_gate=True, explore_every=4)
     shape = StepShape(1, 1, 1)
-    assert policy.wants_drafts(shape, 1)  # nothing known yet: draft
-    policy.lengths([np.array([0.5, 0.5])], shape)  # typical confidences are now known
-    decisions = [policy.wants_drafts(shape, 1) for _ in range(8)]
-    assert decisions == [False, False, False, True] * 2  # 10 ms target + 50 ms draft never pays
+    assert policy.drafting(shape, 1, "dspark") == 1  # nothing known yet: draft
+    policy.lengths([np.array([0.5, 0.5])], shape, ["dspark"])  # typical confidences are now known
+    decisions = [policy.drafting(shape, 1, "dspark") for _ in range(8)]
+    assert decisions == [0, 0, 0, 1] * 2  # 10 ms target + 50 ms draft never pays
     free_drafter = ScheduledVerification(_profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]]))
-    free_drafter.lengths([np.array([0.5, 0.5])], shape)
-    assert all(free_drafter.wants_drafts(shape, 1) for _ in range(8))
+    free_drafter.lengths([np.array([0.5, 0.5])], shape, ["dspark"])
+    assert all(free_drafter.drafting(shape, 1, "dspark") == 1 for _ in range(8))
+
+
+def test_draft_gate_judges_each_source_by_its_own_drafts_and_explores_with_one_request():
+    """A hybrid's lookup drafts are often right and its model drafts rarely: mixing them would call the
+    model when it cannot pay. Exploring a gated source costs one request's draft, not the batch's."""
+    profile = _profile([[10.0, 11.0, 14.0], [20.0, 24.0, 30.0]], draft_ms=[4.0, 16.0])
+    policy = ScheduledVerification(profile, draft_gate=True, explore_every=3)
+    shape = StepShape(4, 4, 4)
+    confident, doubtful = np.array([0.95, 0.9, 0.9]), np.array([0.2, 0.1, 0.1])
+    policy.lengths([confident] * 3 + [doubtful], shape, ["ngram"] * 3 + ["dspark"])
+    assert policy.drafting(shape, 4, "ngram") == 4
+    assert [policy.drafting(shape, 4, "dspark") for _ in range(6)] == [0, 0, 1, 0, 0, 1]
+    mixed = ScheduledVerification(profile, draft_gate=True, explore_every=3)
+    mixed.lengths([confident] * 3 + [doubtful], shape)  # one pool: the model would look worth its call
+    assert mixed.drafting(shape, 4, "") == 4
 
 
 def test_min_gain_refuses_thin_admissions():

@@ -29,7 +29,7 @@ from dspark.engine.stats import SpecStats, SpecSummary, StepReport
 from dspark.errors import InvalidRequestError
 from dspark.models.kv_cache import KVCache
 from dspark.models.llama import Transformer
-from dspark.proposers import Draft, Proposer, TargetObserver
+from dspark.proposers import Draft, HybridProposer, Proposer, TargetObserver
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
 from dspark.scheduling import OnlineAcceptanceEstimator, StepShape, VerificationPolicy
 from dspark.scheduling.cost_profile import ProfileMeasurement
@@ -64,6 +64,17 @@ def _draft_distribution(draft: Draft, vocab: int) -> torch.Tensor:
     if draft.probs is not None:
         return draft.probs
     return torch.zeros(len(draft.tokens), vocab).scatter_(1, torch.tensor(draft.tokens)[:, None], 1.0)
+
+
+@dataclass
+class _Drafted:
+    """One step's drafts: per request its draft and source; how many requests the costly draft call served
+    (what the step pays in draft time); whether a gate withheld that call from requests that wanted it."""
+
+    drafts: list[Draft]
+    sources: list[str]
+    served: int
+    gated: bool
 
 
 @dataclass
@@ -119,6 +130,7 @@ class Engine:
         self.stats = SpecStats()
         self.last_step = StepReport()
         self.profile_measurement = profile_measurement
+        self._explore_turn = 0  # which request a gated source drafts for when exploring
         # Observers must see every prompt row, and tensor-parallel ranks hold their own caches: no reuse.
         blocks = config.prefix_cache_mib * 2**20 // (cache.bytes_per_position * BLOCK_TOKENS)
         reuse = blocks and not self.observers and model.tp_leader is None
@@ -297,19 +309,47 @@ class Engine:
         shape = StepShape(decoding, decoding, len(finals), prefill)
         report = self.last_step
         report.could_draft = len(wanted)
-        if not wanted or not self.policy.wants_drafts(shape, len(wanted)):
-            report.gated = bool(wanted)
+        if not wanted:
             return
         fallbacks = self.proposer.fallbacks
-        drafts = self.proposer.propose([s.request for s, _ in wanted], [k for _, k in wanted])
+        drafted = self._draft([s.request for s, _ in wanted], [k for _, k in wanted], shape)
         report.drafter_fallbacks = self.proposer.fallbacks - fallbacks
-        drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafts, strict=True)]
+        report.gated = drafted.gated
+        if not any(d.tokens for d in drafted.drafts):
+            return
+        drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafted.drafts, strict=True)]
         confidences = self._confidences([s.request for s, _ in wanted], drafts)
-        lengths = self.policy.lengths(confidences, shape)
+        shape.drafted = drafted.served
+        lengths = self.policy.lengths(confidences, shape, drafted.sources)
         report.offered = sum(len(d.tokens) for d in drafts)
         report.verified = sum(min(k, len(d.tokens)) for d, k in zip(drafts, lengths, strict=True))
         for (s, _), draft, k in zip(wanted, drafts, lengths, strict=True):
             s.draft = _truncated(draft, k) if k else None
+
+    def _draft(self, requests: list[Request], limits: list[int], shape: StepShape) -> _Drafted:
+        """Each request's draft (empty where the gate withheld it) and its source. The hybrid's prompt lookup
+        is free and never gated; its draft model, like any single proposer, is called for as many of the
+        requests left to it as the policy grants."""
+        proposer = self.proposer
+        if isinstance(proposer, HybridProposer):
+            drafts, candidates = proposer.lookup_stage(requests, limits)
+            sources = [proposer.lookup.name] * len(requests)
+            source, call = proposer.model.name, proposer.model_stage
+        else:
+            drafts, candidates = [Draft([]) for _ in requests], list(range(len(requests)))
+            sources = [proposer.name] * len(requests)
+            source, call = proposer.name, proposer.propose
+        wanted = len(candidates)
+        count = self.policy.drafting(shape, wanted, source) if wanted else 0
+        if count < wanted:  # gated, or exploring: one request, each in turn
+            self._explore_turn += 1
+            candidates = [candidates[(self._explore_turn + j) % len(candidates)] for j in range(count)]
+        if candidates:
+            made = call([requests[i] for i in candidates], [limits[i] for i in candidates])
+            for i, draft in zip(candidates, made, strict=True):
+                if draft.tokens or not drafts[i].tokens:  # a model with no context yet keeps the lookup's
+                    drafts[i], sources[i] = draft, source
+        return _Drafted(drafts, sources, len(candidates), wanted > 0 and count == 0)
 
     def _confidences(self, requests: list[Request], drafts: list[Draft]) -> list[np.ndarray]:
         """The drafter's own confidences, else the online estimator's from the drafts' features."""

@@ -64,6 +64,12 @@ class Proposer(ABC):
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
         """Draft at most max_lens[i] tokens for request i (fewer, or none, is allowed)."""
 
+    @property
+    def cost_signature(self) -> str:
+        """What determines a propose call's cost (the cost profile is cached per signature): the name,
+        and for a draft model its architecture."""
+        return self.name
+
     def observe(self, request: DraftRequest, features: torch.Tensor) -> None:  # noqa: B027 (optional hook)
         """Target hidden states of newly committed positions (only called when `hidden_layers` is set)."""
 

@@ -34,20 +34,36 @@ class HybridProposer(Proposer):
         self.lookup_drafts = 0  # requests served by prompt lookup alone
 
     @property
+    def cost_signature(self) -> str:
+        return f"{self.name}[{self.lookup.cost_signature},{self.model.cost_signature},{self.min_match}]"
+
+    @property
     def fallbacks(self) -> int:  # type: ignore[override]  # the draft model's, read through
         return self.model.fallbacks
 
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
-        drafts = self.lookup.propose(requests, max_lens)
-        need = [i for i, d in enumerate(drafts) if not d.tokens or (d.scores or [0.0])[0] < self.min_match]
-        self.lookup_drafts += len(requests) - len(need)
+        drafts, need = self.lookup_stage(requests, max_lens)
         if need:
-            self.model_calls += len(need)
-            made = self.model.propose([requests[i] for i in need], [max_lens[i] for i in need])
+            made = self.model_stage([requests[i] for i in need], [max_lens[i] for i in need])
             for i, draft in zip(need, made, strict=True):
                 if draft.tokens or not drafts[i].tokens:  # a model with no context yet keeps the lookup's
                     drafts[i] = draft
         return drafts
+
+    def lookup_stage(
+        self, requests: Sequence[DraftRequest], max_lens: Sequence[int]
+    ) -> tuple[list[Draft], list[int]]:
+        """Every request's n-gram draft, and the requests whose match is too short to keep it alone (the
+        draft model's candidates). The engine calls the two stages itself, to gate the costly one."""
+        drafts = self.lookup.propose(requests, max_lens)
+        need = [i for i, d in enumerate(drafts) if not d.tokens or (d.scores or [0.0])[0] < self.min_match]
+        self.lookup_drafts += len(requests) - len(need)
+        return drafts, need
+
+    def model_stage(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
+        """The draft model's drafts for requests the lookup left to it."""
+        self.model_calls += len(requests)
+        return self.model.propose(requests, max_lens)
 
     def observe(self, request: DraftRequest, features: torch.Tensor) -> None:
         self.model.observe(request, features)

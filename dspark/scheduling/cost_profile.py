@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 8  # bump when the step's Python code path changes what a step costs (kernels: their digest)
+PROFILE_VERSION = 9  # bump when the step's Python code path changes what a step costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -75,16 +75,17 @@ class CostProfile(BaseModel):
         return max(ms - self.target_ms[0][0], 0.0) / 1000
 
     def step_seconds(
-        self, num_requests: int, num_tokens: int, drafted: bool = True, prefill_tokens: int = 0
+        self, num_requests: int, num_tokens: int, drafted: int | None = None, prefill_tokens: int = 0
     ) -> float:
-        draft = self.draft_seconds(num_requests) if drafted else 0.0
+        """A step's time; the draft call served `drafted` of the requests (None: all of them)."""
+        draft = self.draft_seconds(num_requests if drafted is None else drafted)
         return draft + self.target_seconds(num_requests, num_tokens) + self.prefill_seconds(prefill_tokens)
 
     def steps_per_second(
-        self, num_requests: int, drafted: bool = True, prefill_tokens: int = 0
+        self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0
     ) -> Callable[[int], float]:
         """SPS(B) for a step of `num_requests` decoding requests feeding B tokens (plus prompt chunks of
-        `prefill_tokens` tokens): what Algorithm 1 trades against tau."""
+        `prefill_tokens` tokens), `drafted` of them drafted for: what Algorithm 1 trades against tau."""
         return lambda num_tokens: 1.0 / self.step_seconds(num_requests, num_tokens, drafted, prefill_tokens)
 
     def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
@@ -194,14 +195,15 @@ def tokens_grid(num_speculative_tokens: int) -> list[int]:
 
 
 def profile_key(
-    model: Transformer, max_requests: int, num_speculative_tokens: int, proposer_name: str
+    model: Transformer, max_requests: int, num_speculative_tokens: int, proposer_signature: str
 ) -> str:
     cfg = model.cfg
     parts = [
         platform.machine(), platform.processor(), str(torch.get_num_threads()), torch.__version__,
         str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
         f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
-        str(max_requests), str(num_speculative_tokens), proposer_name, str(PROFILE_VERSION), sources_digest(),
+        str(max_requests), str(num_speculative_tokens), proposer_signature, str(PROFILE_VERSION),
+        sources_digest(),
         ",".join(sorted({m.weight_format for m in model.modules() if isinstance(m, Linear)})),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -308,7 +310,7 @@ def profile_proposer(
         proposer.propose(requests[:n], [max_len] * n)
 
     try:
-        step(1)  # warm-up
+        step(max(counts))  # warm-up; a drafter that observes lazily computes every context here
         ms = yield from _interleaved_medians({n: lambda n=n: step(n) for n in counts})
         return [ms[n] for n in counts]
     finally:
@@ -431,8 +433,8 @@ def cached_or_measurement(
     """The cached profile of this machine, model and drafter (in `directory`; None: never cached), or the
     measurement that will produce and cache it: when none is cached, when the cached file is unreadable or
     implausible, or with `remeasure` (the new measurement is then checked against the cached one)."""
-    name = proposer.name if proposer is not None else "none"
-    key = profile_key(model, max_requests, num_speculative_tokens, name)
+    signature = proposer.cost_signature if proposer is not None else "none"
+    key = profile_key(model, max_requests, num_speculative_tokens, signature)
     path = directory / f"{key}.json" if directory is not None else None
     cached = _read_cached(path, key)
     if cached is not None and not remeasure:

@@ -1,18 +1,20 @@
 """Verification policies: how many of each request's draft tokens the target verifies this step.
 
-One engine, one code path: the engine asks the policy whether to draft at all, then hands it every
-drafting request's per-position confidences and verifies exactly the prefixes it returns. (Speculation
-itself is switched off in one place only: the engine's proposer `none`.)
+One engine, one code path: the engine asks the policy for how many requests to call each draft source
+(all, one to explore, or none), then hands it every drafting request's per-position confidences and
+verifies exactly the prefixes it returns. (Speculation itself is switched off in one place only: the
+engine's proposer `none`.) A source is a proposer's name: the hybrid's prompt lookup and draft model are two
+sources, gated apart, so the free one keeps drafting at loads where the costly one cannot pay.
 - `fixed`: verify the whole draft (up to gamma), the classic speculative decoding.
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
-  drafting when even typical drafts could not pay for themselves at this batch size.
+  a source's draft call when even its typical drafts could not pay for the call at this batch size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -40,31 +42,40 @@ class VerificationConfig(BaseModel):
 @dataclass
 class StepShape:
     """The step before any draft token: its decoding requests and their tokens, the tokens it yields anyway
-    (one per request whose pending tokens it completes), and the prompt-chunk tokens riding along."""
+    (one per request whose pending tokens it completes), the prompt-chunk tokens riding along, and how many
+    requests the profiled draft call serves (None: every decoding request; a hybrid's free lookup: 0)."""
 
     num_requests: int
     num_tokens: int
     num_outputs: int
     prefill_tokens: int = 0
+    drafted: int | None = None
 
 
 class VerificationPolicy(Protocol):
     name: str
 
-    def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool: ...
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+        """How many of `candidates` requests to call draft source `source` for this step."""
+        ...
 
-    def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        """Verification length for each drafting request (at most its draft length)."""
+    def lengths(
+        self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
+    ) -> list[int]:
+        """Verification length for each drafting request (at most its draft length); `sources` names the
+        source of each draft."""
         ...
 
 
 class FixedLength:
     name = "fixed"
 
-    def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool:
-        return True
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+        return candidates
 
-    def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
+    def lengths(
+        self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
+    ) -> list[int]:
         return [len(c) for c in confidences]
 
 
@@ -74,19 +85,41 @@ class ConfidenceThreshold:
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool:
-        return True
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+        return candidates
 
-    def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
+    def lengths(
+        self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
+    ) -> list[int]:
         # Prefix survival is non-increasing, so the positions above the threshold form a prefix.
         return [int((prefix_survival(c) >= self.threshold).sum()) for c in confidences]
 
 
-class ScheduledVerification:
-    """Algorithm 1 on the cost profile, with a draft gate fed by the running mean confidences.
+class RunningConfidences:
+    """Per-position mean confidence of one source's drafts: an exponential moving average, bias-corrected
+    for the first observations of each position."""
 
-    Until it has a profile (a first start measures it while the server is idle), it verifies whole drafts,
-    as `fixed` does."""
+    def __init__(self, decay: float = 0.99) -> None:
+        self.decay = decay
+        self.mean = np.zeros(0)
+        self._weight = np.zeros(0)
+
+    def add(self, confidences: np.ndarray) -> None:
+        n = len(confidences)
+        if n > len(self.mean):
+            grow = n - len(self.mean)
+            self.mean = np.concatenate([self.mean, np.zeros(grow)])
+            self._weight = np.concatenate([self._weight, np.zeros(grow)])
+        self._weight[:n] = self.decay * self._weight[:n] + 1
+        self.mean[:n] += (np.asarray(confidences) - self.mean[:n]) / self._weight[:n]
+
+
+class ScheduledVerification:
+    """Algorithm 1 on the cost profile, with a draft gate per source fed by its running mean confidences.
+
+    A gated source is still called for one request every `explore_every`-th step, so its typical
+    confidences stay current at one request's draft cost. Until it has a profile (a first start measures
+    it while the server is idle), it verifies whole drafts, as `fixed` does."""
 
     name = "scheduler"
 
@@ -101,55 +134,49 @@ class ScheduledVerification:
         self.min_gain = min_gain
         self.draft_gate = draft_gate
         self.explore_every = explore_every
-        self.typical = np.zeros(0)  # running mean confidence per position
-        self._seen = np.zeros(0)
-        self._gated = 0  # consecutive steps the gate skipped
+        self.typical: dict[str, RunningConfidences] = {}
+        self._gated: dict[str, int] = {}  # per source: consecutive steps the gate skipped
 
-    def wants_drafts(self, shape: StepShape, num_drafting: int) -> bool:
-        if self.profile is None or not self.draft_gate or not self.typical.size or not num_drafting:
-            return True
-        if self._pays_off(shape, num_drafting) or self._gated + 1 >= self.explore_every:
-            self._gated = 0
-            return True
-        self._gated += 1
-        return False
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+        typical = self.typical.get(source)
+        if self.profile is None or not self.draft_gate or typical is None or not candidates:
+            return candidates
+        if self._pays_off(shape, candidates, typical.mean):
+            self._gated[source] = 0
+            return candidates
+        gated = self._gated.get(source, 0) + 1
+        self._gated[source] = 0 if gated >= self.explore_every else gated
+        return 1 if gated >= self.explore_every else 0
 
-    def lengths(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        self._observe(confidences)
+    def lengths(
+        self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
+    ) -> list[int]:
+        for c, source in zip(confidences, sources or [""] * len(confidences), strict=True):
+            if len(c):
+                self.typical.setdefault(source, RunningConfidences()).add(c)
         if self.profile is None:
             return [len(c) for c in confidences]
         return self._schedule(confidences, shape)
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        sps = self.profile.steps_per_second(shape.num_requests, prefill_tokens=shape.prefill_tokens)
+        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.prefill_tokens)
         return schedule_prefixes(
             confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs,
             min_gain=self.min_gain,
         )  # fmt: skip
 
-    def _pays_off(self, shape: StepShape, num_drafting: int) -> bool:
-        """Would typical drafts raise expected tokens/s above not drafting (no draft time, no drafts)?"""
-        typical = [self.typical] * num_drafting
-        lengths = self._schedule(typical, shape)
-        sps = self.profile.steps_per_second(shape.num_requests, prefill_tokens=shape.prefill_tokens)
-        with_drafts = (shape.num_outputs + expected_accepted(typical, lengths)) * sps(
+    def _pays_off(self, shape: StepShape, candidates: int, typical: np.ndarray) -> bool:
+        """Would typical drafts for `candidates` requests raise expected tokens/s above not calling the
+        source (no draft time, no drafts)?"""
+        called = replace(shape, drafted=candidates)
+        drafts = [typical] * candidates
+        lengths = self._schedule(drafts, called)
+        sps = self.profile.steps_per_second(called.num_requests, candidates, called.prefill_tokens)
+        with_drafts = (shape.num_outputs + expected_accepted(drafts, lengths)) * sps(
             shape.num_tokens + sum(lengths)
         )
-        plain = self.profile.steps_per_second(shape.num_requests, False, shape.prefill_tokens)(
-            shape.num_tokens
-        )
+        plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
         return with_drafts > shape.num_outputs * plain * (1 + self.min_gain)
-
-    def _observe(self, confidences: Sequence[np.ndarray], decay: float = 0.99) -> None:
-        for c in confidences:
-            if len(c) > len(self.typical):
-                grow = len(c) - len(self.typical)
-                self.typical = np.concatenate([self.typical, np.zeros(grow)])
-                self._seen = np.concatenate([self._seen, np.zeros(grow)])
-            n = len(c)
-            # Exponential moving average, bias-corrected for the first observations of each position.
-            self._seen[:n] = decay * self._seen[:n] + 1
-            self.typical[:n] += (np.asarray(c) - self.typical[:n]) / self._seen[:n]
 
 
 def build_policy(

@@ -10,6 +10,7 @@ rejection sampling) and its calibrated confidence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +21,22 @@ from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import params_tensors, processed_probs
+
+MAX_PENDING_ROWS = 256  # observed rows kept before their keys/values are computed anyway (bounds memory)
+
+
+@dataclass
+class _RequestContext:
+    """A request's drafter context: per draft layer, the keys/values of the rows appended so far, and the
+    target states of rows observed since (appended at the request's next draft call)."""
+
+    buffers: list[ContextBuffer]
+    pending: list[torch.Tensor] = field(default_factory=list)
+    pending_rows: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.buffers[0].length + self.pending_rows
 
 
 class DSparkProposer(Proposer):
@@ -46,7 +63,11 @@ class DSparkProposer(Proposer):
         self.draft_to_target = drafter.draft_to_target
         self.draft_length = drafter.draft_length
         self.default_num_speculative_tokens = drafter.draft_length  # the whole block it was trained on
-        self.contexts: dict[str, list[ContextBuffer]] = {}  # per request, one buffer per draft layer
+        self.contexts: dict[str, _RequestContext] = {}
+
+    @property
+    def cost_signature(self) -> str:
+        return f"{self.name}{self.drafter.cfg.model_dump_json()}"
 
     @classmethod
     def load(cls, directory: str | Path, target: Transformer) -> DSparkProposer:
@@ -54,15 +75,27 @@ class DSparkProposer(Proposer):
 
     # ---- observer ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def observe(self, request: DraftRequest, features: torch.Tensor) -> None:
+        """Keep the rows; their keys/values are computed when the request is next drafted for, so steps
+        that do not draft for it (gated, or prompt lookup's) cost nothing, and rows batch up."""
         context = self.contexts.get(request.request_id)
         if context is None:
-            context = self.contexts[request.request_id] = self.drafter.new_context()
-        self.drafter.append_context(context, features)
+            context = self.contexts[request.request_id] = _RequestContext(self.drafter.new_context())
+        context.pending.append(features)
+        context.pending_rows += len(features)
+        if context.pending_rows >= MAX_PENDING_ROWS:
+            self._flush(context)
 
     def release(self, request: DraftRequest) -> None:
         self.contexts.pop(request.request_id, None)
+
+    @torch.inference_mode()
+    def _flush(self, context: _RequestContext) -> None:
+        if context.pending:
+            rows = context.pending[0] if len(context.pending) == 1 else torch.cat(context.pending)
+            self.drafter.append_context(context.buffers, rows)
+            context.pending.clear()
+            context.pending_rows = 0
 
     # ---- proposer ---------------------------------------------------------------------------------------
 
@@ -73,7 +106,7 @@ class DSparkProposer(Proposer):
         ready = [
             i
             for i, r in enumerate(requests)
-            if r.request_id in self.contexts and self._context_length(r) == len(r.token_ids) - 1
+            if r.request_id in self.contexts and self.contexts[r.request_id].length == len(r.token_ids) - 1
         ]
         drafts = [Draft([]) for _ in requests]
         if ready:
@@ -82,12 +115,10 @@ class DSparkProposer(Proposer):
                 drafts[i] = draft
         return drafts
 
-    def _context_length(self, request: DraftRequest) -> int:
-        context = self.contexts.get(request.request_id)
-        return context[0].length if context is not None else 0
-
     def _propose_ready(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
-        contexts = [self.contexts[r.request_id] for r in requests]
+        for r in requests:
+            self._flush(self.contexts[r.request_id])
+        contexts = [self.contexts[r.request_id].buffers for r in requests]
         anchors = torch.tensor([r.token_ids[-1] for r in requests])
         positions = torch.tensor([c[0].length for c in contexts])
         hidden = self.drafter.draft_hidden(anchors, positions, contexts)
