@@ -250,8 +250,10 @@ def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():
     shape = StepShape(1, 1, 1)
     assert policy.drafting(shape, 1, "dspark") == 1  # nothing known yet: draft
     policy.lengths([np.array([0.5, 0.5])], shape, ["dspark"])  # typical confidences are now known
-    decisions = [policy.drafting(shape, 1, "dspark") for _ in range(8)]
-    assert decisions == [0, 0, 0, 1] * 2  # 10 ms target + 50 ms draft never pays
+    decisions = [policy.drafting(shape, 1, "dspark") for _ in range(4 + 8 + 16)]
+    # 10 ms target + 50 ms draft never pays: a look after 4 gated steps, then after 8, then 16 (backing off)
+    assert [i for i, d in enumerate(decisions) if d] == [3, 11, 27]
+    assert sum(decisions) == 3
     free_drafter = ScheduledVerification(_profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]]))
     free_drafter.lengths([np.array([0.5, 0.5])], shape, ["dspark"])
     assert all(free_drafter.drafting(shape, 1, "dspark") == 1 for _ in range(8))
@@ -266,7 +268,7 @@ def test_draft_gate_judges_each_source_by_its_own_drafts_and_explores_with_one_r
     confident, doubtful = np.array([0.95, 0.9, 0.9]), np.array([0.2, 0.1, 0.1])
     policy.lengths([confident] * 3 + [doubtful], shape, ["ngram"] * 3 + ["dspark"])
     assert policy.drafting(shape, 4, "ngram") == 4
-    assert [policy.drafting(shape, 4, "dspark") for _ in range(6)] == [0, 0, 1, 0, 0, 1]
+    assert [policy.drafting(shape, 4, "dspark") for _ in range(9)] == [0, 0, 1, 0, 0, 0, 0, 0, 1]
     mixed = ScheduledVerification(profile, draft_gate=True, explore_every=3)
     mixed.lengths([confident] * 3 + [doubtful], shape)  # one pool: the model would look worth its call
     assert mixed.drafting(shape, 4, "") == 4

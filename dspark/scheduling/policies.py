@@ -32,7 +32,9 @@ class VerificationConfig(BaseModel):
     policy: PolicyName = Field("scheduler", description="fixed | threshold | scheduler (hardware-aware)")
     threshold: float = Field(0.3, gt=0, lt=1, description="prefix survival cut-off of policy 'threshold'")
     draft_gate: bool = Field(True, description="scheduler: skip drafting when it cannot pay off")
-    explore_every: int = Field(16, ge=1, description="scheduler: draft at least every n-th gated step")
+    explore_every: int = Field(
+        16, ge=1, description="scheduler: gated steps before a gated source drafts for one request (backoff)"
+    )
     min_gain: float = Field(
         0.02, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
     )
@@ -95,6 +97,9 @@ class ConfidenceThreshold:
         return [int((prefix_survival(c) >= self.threshold).sum()) for c in confidences]
 
 
+MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
+
+
 class RunningConfidences:
     """Per-position mean confidence of one source's drafts: an exponential moving average, bias-corrected
     for the first observations of each position."""
@@ -117,9 +122,10 @@ class RunningConfidences:
 class ScheduledVerification:
     """Algorithm 1 on the cost profile, with a draft gate per source fed by its running mean confidences.
 
-    A gated source is still called for one request every `explore_every`-th step, so its typical
-    confidences stay current at one request's draft cost. Until it has a profile (a first start measures
-    it while the server is idle), it verifies whole drafts, as `fixed` does."""
+    A gated source is still called for one request after `explore_every` gated steps, so its typical
+    confidences stay current at one request's draft cost; the interval doubles with each look that finds the
+    source still not paying (up to MAX_EXPLORE_BACKOFF times), and resets once it pays. Until it has a
+    profile (a first start measures it while the server is idle), it verifies whole drafts as `fixed` does."""
 
     name = "scheduler"
 
@@ -136,6 +142,7 @@ class ScheduledVerification:
         self.explore_every = explore_every
         self.typical: dict[str, RunningConfidences] = {}
         self._gated: dict[str, int] = {}  # per source: consecutive steps the gate skipped
+        self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
 
     def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
         typical = self.typical.get(source)
@@ -143,10 +150,18 @@ class ScheduledVerification:
             return candidates
         if self._pays_off(shape, candidates, typical.mean):
             self._gated[source] = 0
+            self._interval[source] = self.explore_every
             return candidates
         gated = self._gated.get(source, 0) + 1
-        self._gated[source] = 0 if gated >= self.explore_every else gated
-        return 1 if gated >= self.explore_every else 0
+        interval = self._interval.get(source, self.explore_every)
+        if gated < interval:
+            self._gated[source] = gated
+            return 0
+        # Explore, and back off: each look that finds the source still not paying doubles the wait. A load
+        # that drops needs no look (the gate weighs every step's shape); only drifting confidences do.
+        self._gated[source] = 0
+        self._interval[source] = min(2 * interval, MAX_EXPLORE_BACKOFF * self.explore_every)
+        return 1
 
     def lengths(
         self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
