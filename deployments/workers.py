@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dspark.assembly import build_engine, build_proposer
+from dspark.assembly import build_engine, build_proposer, draft_worker_config, with_lookup
 from dspark.distributed.tensor_parallel import free_rendezvous, run_follower, start_leader, stop_leader
 from dspark.engine import Engine, EngineConfig
 from dspark.models.loader import load_transformer
@@ -136,11 +136,13 @@ def start_replica(cfg: ServeConfig) -> ReplicaWorkers:
             world,
             cfg.drafter_num_cpus,
             cfg.drafter_num_gpus,
-            cfg.engine.model_dump(),
+            draft_worker_config(cfg.engine).model_dump(),
             drafter_threads,
         )
         info = ray.get(drafter.describe.remote())
         proposer = RemoteProposer(ActorTransport(drafter), info, deadline_s=cfg.drafter_timeout_s)
+        if cfg.engine.proposer == "hybrid":
+            proposer = with_lookup(cfg.engine, proposer)
     # A first start answers at once and measures the cost profile in the replica's idle time, as it serves.
     engine = build_engine(engine_config, model=model, proposer=proposer, defer_profile=True)
     return ReplicaWorkers(engine, followers, runs, drafter)

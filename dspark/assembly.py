@@ -35,12 +35,23 @@ ProposerFactory = Callable[[EngineConfig, Transformer], Proposer]
 PROPOSERS: dict[str, ProposerFactory] = {
     "ngram": lambda config, _: NgramProposer(config.ngram.min_n, config.ngram.max_n),
     "dspark": lambda config, model: DSparkProposer.load(resolve_drafter_dir(config.drafter), model),
-    "hybrid": lambda config, model: HybridProposer(
-        NgramProposer(config.ngram.min_n, config.ngram.max_n),
-        DSparkProposer.load(resolve_drafter_dir(config.drafter), model),
-        config.ngram.hybrid_min_match,
+    "hybrid": lambda config, model: with_lookup(
+        config, DSparkProposer.load(resolve_drafter_dir(config.drafter), model)
     ),
 }
+
+
+def with_lookup(config: EngineConfig, model: Proposer) -> HybridProposer:
+    """The hybrid around a draft model, in process or remote: prompt lookup first, the model for the rest."""
+    return HybridProposer(
+        NgramProposer(config.ngram.min_n, config.ngram.max_n), model, config.ngram.hybrid_min_match
+    )
+
+
+def draft_worker_config(config: EngineConfig) -> EngineConfig:
+    """What a disaggregated draft worker builds its proposer from. A hybrid's worker hosts only the draft
+    model: prompt lookup is free and stays with the engine (`with_lookup`), which gates the model apart."""
+    return config.model_copy(update={"proposer": "dspark"}) if config.proposer == "hybrid" else config
 
 
 def build_proposer(config: EngineConfig, model: Transformer) -> Proposer | None:

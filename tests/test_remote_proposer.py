@@ -10,7 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pytest
 import torch
 
-from dspark.assembly import build_engine, build_proposer
+from dspark.assembly import build_engine, build_proposer, draft_worker_config, with_lookup
 from dspark.engine import EngineConfig
 from dspark.proposers.base import Draft
 from dspark.proposers.remote import DraftCall, ProposerHost, ProposerInfo, RemoteProposer, RemoteStateLost
@@ -47,17 +47,19 @@ def _config(proposer_name: str) -> EngineConfig:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("proposer_name", ["ngram", "dspark"])
+@pytest.mark.parametrize("proposer_name", ["ngram", "dspark", "hybrid"])
 def test_remote_drafter_matches_colocated(default_model, tokenizer, proposer_name):
+    """A hybrid's worker hosts only its draft model; prompt lookup stays with the engine."""
     config = _config(proposer_name)
     params = SamplingParams(temperature=0.0, max_tokens=40)
     colocated = build_engine(config, model=default_model, tokenizer=tokenizer)
     expected = colocated.generate(PROMPTS, params)
 
-    host = ProposerHost(build_proposer(config, default_model))
+    host = ProposerHost(build_proposer(draft_worker_config(config), default_model))
     transport, calls = pickled_transport(host)
     remote = RemoteProposer(transport, host.describe())
-    engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=remote)
+    proposer = with_lookup(config, remote) if proposer_name == "hybrid" else remote
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=proposer)
     got = engine.generate(PROMPTS, params)
 
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
@@ -67,7 +69,7 @@ def test_remote_drafter_matches_colocated(default_model, tokenizer, proposer_nam
     # Finished requests are dropped on the remote side with the next call.
     remote.propose([], [])
     assert host.requests == {}
-    if proposer_name == "dspark":
+    if proposer_name != "ngram":
         assert host.proposer.contexts == {}
 
 

@@ -57,8 +57,9 @@ class StepShape:
 class VerificationPolicy(Protocol):
     name: str
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
-        """How many of `candidates` requests to call draft source `source` for this step."""
+    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
+        """How many of `candidates` requests to call draft source `source` for this step; `charged`: the
+        call costs the profile's draft time (a hybrid's prompt lookup does not)."""
         ...
 
     def lengths(
@@ -72,7 +73,7 @@ class VerificationPolicy(Protocol):
 class FixedLength:
     name = "fixed"
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
         return candidates
 
     def lengths(
@@ -87,7 +88,7 @@ class ConfidenceThreshold:
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
         return candidates
 
     def lengths(
@@ -97,6 +98,7 @@ class ConfidenceThreshold:
         return [int((prefix_survival(c) >= self.threshold).sum()) for c in confidences]
 
 
+VERDICT_UPDATES = 16  # a gate verdict is recomputed once its source's confidences took this many drafts
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
@@ -106,10 +108,12 @@ class RunningConfidences:
 
     def __init__(self, decay: float = 0.99) -> None:
         self.decay = decay
+        self.updates = 0  # drafts taken in
         self.mean = np.zeros(0)
         self._weight = np.zeros(0)
 
     def add(self, confidences: np.ndarray) -> None:
+        self.updates += 1
         n = len(confidences)
         if n > len(self.mean):
             grow = n - len(self.mean)
@@ -143,12 +147,13 @@ class ScheduledVerification:
         self.typical: dict[str, RunningConfidences] = {}
         self._gated: dict[str, int] = {}  # per source: consecutive steps the gate skipped
         self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
+        self._verdicts: dict[tuple, tuple[int, bool]] = {}  # per source and shape: (updates, verdict)
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
         typical = self.typical.get(source)
         if self.profile is None or not self.draft_gate or typical is None or not candidates:
             return candidates
-        if self._pays_off(shape, candidates, typical.mean):
+        if self._pays_off(shape, candidates, source, charged):
             self._gated[source] = 0
             self._interval[source] = self.explore_every
             return candidates
@@ -180,18 +185,29 @@ class ScheduledVerification:
             min_gain=self.min_gain,
         )  # fmt: skip
 
-    def _pays_off(self, shape: StepShape, candidates: int, typical: np.ndarray) -> bool:
+    def _pays_off(self, shape: StepShape, candidates: int, source: str, charged: bool) -> bool:
         """Would typical drafts for `candidates` requests raise expected tokens/s above not calling the
-        source (no draft time, no drafts)?"""
-        called = replace(shape, drafted=candidates)
-        drafts = [typical] * candidates
+        source (no draft time, no drafts)? The gate is asked every step, so a verdict is kept per shape: while
+        the source drafts, until its confidences took VERDICT_UPDATES more drafts (they drift slowly); while
+        it is gated, until its next exploring draft."""
+        typical = self.typical[source]
+        key = (id(self.profile), source, charged, candidates, shape.num_requests, shape.num_tokens,
+               shape.num_outputs, shape.prefill_tokens)  # fmt: skip
+        gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
+        cached = self._verdicts.get(key)
+        if cached is not None and typical.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
+            return cached[1]
+        called = replace(shape, drafted=candidates if charged else 0)
+        drafts = [typical.mean] * candidates
         lengths = self._schedule(drafts, called)
-        sps = self.profile.steps_per_second(called.num_requests, candidates, called.prefill_tokens)
+        sps = self.profile.steps_per_second(called.num_requests, called.drafted, called.prefill_tokens)
         with_drafts = (shape.num_outputs + expected_accepted(drafts, lengths)) * sps(
             shape.num_tokens + sum(lengths)
         )
         plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
-        return with_drafts > shape.num_outputs * plain * (1 + self.min_gain)
+        verdict = with_drafts > shape.num_outputs * plain * (1 + self.min_gain)
+        self._verdicts[key] = (typical.updates, verdict)
+        return verdict
 
 
 def build_policy(
