@@ -268,10 +268,6 @@ def test_draft_gate_judges_each_source_by_its_own_drafts_and_explores_with_one_r
     confident, doubtful = np.array([0.95, 0.9, 0.9]), np.array([0.2, 0.1, 0.1])
     policy.lengths([confident] * 3 + [doubtful], shape, ["ngram"] * 3 + ["dspark"])
     assert policy.drafting(shape, 4, "ngram") == 4
-    # A free source (a hybrid's lookup) is still gated when verifying its drafts would not pay.
-    policy.lengths([np.array([0.02, 0.01])], shape, ["weak"])
-    assert policy.drafting(shape, 4, "weak", charged=False) == 0
-    assert policy.drafting(shape, 4, "ngram", charged=False) == 4
     assert [policy.drafting(shape, 4, "dspark") for _ in range(9)] == [0, 0, 1, 0, 0, 0, 0, 0, 1]
     mixed = ScheduledVerification(profile, draft_gate=True, explore_every=3)
     mixed.lengths([confident] * 3 + [doubtful], shape)  # one pool: the model would look worth its call

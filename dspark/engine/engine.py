@@ -327,16 +327,14 @@ class Engine:
             s.draft = _truncated(draft, k) if k else None
 
     def _draft(self, requests: list[Request], limits: list[int], shape: StepShape) -> _Drafted:
-        """Each request's draft (empty where the gate withheld it) and its source. The hybrid's two parts are
-        gated apart: prompt lookup costs no draft time but its drafts cost verification; the draft model, like
-        any single proposer, is called for as many of the requests lookup left to it as the policy grants."""
+        """Each request's draft (empty where the gate withheld it) and its source. The hybrid's prompt lookup
+        is free and never gated (a mean over its drafts would hide the long matches that pay at any load; the
+        scheduler cuts each draft by its own confidence); its draft model, like any single proposer, is called
+        for as many of the requests lookup left to it as the policy grants."""
         proposer = self.proposer
         if isinstance(proposer, HybridProposer):
+            drafts, candidates = proposer.lookup_stage(requests, limits)
             sources = [proposer.lookup.name] * len(requests)
-            if self.policy.drafting(shape, len(requests), proposer.lookup.name, charged=False):
-                drafts, candidates = proposer.lookup_stage(requests, limits)  # exploring too: it is free
-            else:  # where lookup drafts do not pay at this load, only the model may draft
-                drafts, candidates = [Draft([]) for _ in requests], list(range(len(requests)))
             source, call = proposer.model.name, proposer.model_stage
         else:
             drafts, candidates = [Draft([]) for _ in requests], list(range(len(requests)))

@@ -57,9 +57,8 @@ class StepShape:
 class VerificationPolicy(Protocol):
     name: str
 
-    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
-        """How many of `candidates` requests to call draft source `source` for this step; `charged`: the
-        call costs the profile's draft time (a hybrid's prompt lookup does not)."""
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+        """How many of `candidates` requests to call draft source `source` for this step."""
         ...
 
     def lengths(
@@ -73,7 +72,7 @@ class VerificationPolicy(Protocol):
 class FixedLength:
     name = "fixed"
 
-    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
         return candidates
 
     def lengths(
@@ -88,7 +87,7 @@ class ConfidenceThreshold:
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
         return candidates
 
     def lengths(
@@ -149,11 +148,11 @@ class ScheduledVerification:
         self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
         self._verdicts: dict[tuple, tuple[int, bool]] = {}  # per source and shape: (updates, verdict)
 
-    def drafting(self, shape: StepShape, candidates: int, source: str, charged: bool = True) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
         typical = self.typical.get(source)
         if self.profile is None or not self.draft_gate or typical is None or not candidates:
             return candidates
-        if self._pays_off(shape, candidates, source, charged):
+        if self._pays_off(shape, candidates, source):
             self._gated[source] = 0
             self._interval[source] = self.explore_every
             return candidates
@@ -185,19 +184,19 @@ class ScheduledVerification:
             min_gain=self.min_gain,
         )  # fmt: skip
 
-    def _pays_off(self, shape: StepShape, candidates: int, source: str, charged: bool) -> bool:
+    def _pays_off(self, shape: StepShape, candidates: int, source: str) -> bool:
         """Would typical drafts for `candidates` requests raise expected tokens/s above not calling the
         source (no draft time, no drafts)? The gate is asked every step, so a verdict is kept per shape: while
         the source drafts, until its confidences took VERDICT_UPDATES more drafts (they drift slowly); while
         it is gated, until its next exploring draft."""
         typical = self.typical[source]
-        key = (id(self.profile), source, charged, candidates, shape.num_requests, shape.num_tokens,
-               shape.num_outputs, shape.prefill_tokens)  # fmt: skip
+        key = (id(self.profile), source, candidates, shape.num_requests, shape.num_tokens, shape.num_outputs,
+               shape.prefill_tokens)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._verdicts.get(key)
         if cached is not None and typical.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
             return cached[1]
-        called = replace(shape, drafted=candidates if charged else 0)
+        called = replace(shape, drafted=candidates)
         drafts = [typical.mean] * candidates
         lengths = self._schedule(drafts, called)
         sps = self.profile.steps_per_second(called.num_requests, called.drafted, called.prefill_tokens)
