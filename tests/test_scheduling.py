@@ -274,6 +274,23 @@ def test_draft_gate_judges_each_source_by_its_own_drafts_and_explores_with_one_r
     assert mixed.drafting(shape, 4, "") == 4
 
 
+def test_draft_gate_judges_a_source_by_its_drafts_not_their_mean():
+    """Half the drafts near-certain, half hopeless: verifying the confident ones pays for the call, though the
+    mean draft (every position ~0.5) would not."""
+    profile = CostProfile(
+        key="t", requests=[1, 4], tokens_per_request=[1, 2, 4],
+        target_ms=[[10.0, 13.0, 16.0], [20.0, 30.0, 50.0]], draft_ms=[3.0, 12.0],
+    )  # fmt: skip
+    shape = StepShape(1, 1, 1)
+    good, bad = np.array([0.95, 0.9, 0.9]), np.array([0.05, 0.05, 0.05])
+    spread = ScheduledVerification(profile)
+    spread.lengths([good, bad] * 4, shape, ["model"] * 8)
+    assert spread.drafting(shape, 1, "model") == 1
+    averaged = ScheduledVerification(profile)
+    averaged.lengths([(good + bad) / 2] * 8, shape, ["model"] * 8)
+    assert averaged.drafting(shape, 1, "model") == 0
+
+
 def test_min_gain_refuses_thin_admissions():
     """A second token costing 11% more time and surviving with 0.12 gains 0.9% in expectation."""
     sps = {1: 1.0, 2: 1 / 1.11}.__getitem__  # the second token costs 11% more time

@@ -8,11 +8,12 @@ sources, gated apart, so the free one keeps drafting at loads where the costly o
 - `fixed`: verify the whole draft (up to gamma), the classic speculative decoding.
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
-  a source's draft call when even its typical drafts could not pay for the call at this batch size.
+  a source's draft call when its recent drafts could not pay for the call at this batch size.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
@@ -97,35 +98,35 @@ class ConfidenceThreshold:
         return [int((prefix_survival(c) >= self.threshold).sum()) for c in confidences]
 
 
+RECENT_DRAFTS = 64  # drafts per source the gate judges it by
+GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
 VERDICT_UPDATES = 16  # a gate verdict is recomputed once its source's confidences took this many drafts
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
-class RunningConfidences:
-    """Per-position mean confidence of one source's drafts: an exponential moving average, bias-corrected
-    for the first observations of each position."""
+class RecentDrafts:
+    """One source's latest drafts' confidences. The gate judges a source by them, not by their mean: a mean
+    draft hides the confident drafts the scheduler would verify, and they are where a source pays."""
 
-    def __init__(self, decay: float = 0.99) -> None:
-        self.decay = decay
+    def __init__(self, size: int = RECENT_DRAFTS) -> None:
+        self.confidences: deque[np.ndarray] = deque(maxlen=size)
         self.updates = 0  # drafts taken in
-        self.mean = np.zeros(0)
-        self._weight = np.zeros(0)
 
     def add(self, confidences: np.ndarray) -> None:
         self.updates += 1
-        n = len(confidences)
-        if n > len(self.mean):
-            grow = n - len(self.mean)
-            self.mean = np.concatenate([self.mean, np.zeros(grow)])
-            self._weight = np.concatenate([self._weight, np.zeros(grow)])
-        self._weight[:n] = self.decay * self._weight[:n] + 1
-        self.mean[:n] += (np.asarray(confidences) - self.mean[:n]) / self._weight[:n]
+        self.confidences.append(np.asarray(confidences, dtype=np.float64))
+
+    def batches(self, size: int, most: int = GATE_SAMPLES) -> list[list[np.ndarray]]:
+        """Up to `most` batches of `size` recent drafts, newest first (cycled when fewer are known)."""
+        newest = list(reversed(self.confidences))
+        count = max(1, min(most, len(newest) // size))
+        return [[newest[(b * size + i) % len(newest)] for i in range(size)] for b in range(count)]
 
 
 class ScheduledVerification:
-    """Algorithm 1 on the cost profile, with a draft gate per source fed by its running mean confidences.
+    """Algorithm 1 on the cost profile, with a draft gate per source fed by its recent drafts' confidences.
 
-    A gated source is still called for one request after `explore_every` gated steps, so its typical
+    A gated source is still called for one request after `explore_every` gated steps, so its recent
     confidences stay current at one request's draft cost; the interval doubles with each look that finds the
     source still not paying (up to MAX_EXPLORE_BACKOFF times), and resets once it pays. Until it has a
     profile (a first start measures it while the server is idle), it verifies whole drafts as `fixed` does."""
@@ -143,14 +144,14 @@ class ScheduledVerification:
         self.min_gain = min_gain
         self.draft_gate = draft_gate
         self.explore_every = explore_every
-        self.typical: dict[str, RunningConfidences] = {}
+        self.recent: dict[str, RecentDrafts] = {}
         self._gated: dict[str, int] = {}  # per source: consecutive steps the gate skipped
         self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
         self._verdicts: dict[tuple, tuple[int, bool]] = {}  # per source and shape: (updates, verdict)
 
     def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
-        typical = self.typical.get(source)
-        if self.profile is None or not self.draft_gate or typical is None or not candidates:
+        recent = self.recent.get(source)
+        if self.profile is None or not self.draft_gate or recent is None or not candidates:
             return candidates
         if self._pays_off(shape, candidates, source):
             self._gated[source] = 0
@@ -172,7 +173,7 @@ class ScheduledVerification:
     ) -> list[int]:
         for c, source in zip(confidences, sources or [""] * len(confidences), strict=True):
             if len(c):
-                self.typical.setdefault(source, RunningConfidences()).add(c)
+                self.recent.setdefault(source, RecentDrafts()).add(c)
         if self.profile is None:
             return [len(c) for c in confidences]
         return self._schedule(confidences, shape)
@@ -185,27 +186,26 @@ class ScheduledVerification:
         )  # fmt: skip
 
     def _pays_off(self, shape: StepShape, candidates: int, source: str) -> bool:
-        """Would typical drafts for `candidates` requests raise expected tokens/s above not calling the
-        source (no draft time, no drafts)? The gate is asked every step, so a verdict is kept per shape: while
-        the source drafts, until its confidences took VERDICT_UPDATES more drafts (they drift slowly); while
-        it is gated, until its next exploring draft."""
-        typical = self.typical[source]
+        """Would the source's recent drafts, in batches of `candidates`, raise expected tokens/s above not
+        calling it (no draft time, no drafts)? Asked every step, so a verdict is kept per shape: while the
+        source drafts, until it took VERDICT_UPDATES more drafts; while it is gated, until its next look."""
+        recent = self.recent[source]
         key = (id(self.profile), source, candidates, shape.num_requests, shape.num_tokens, shape.num_outputs,
                shape.prefill_tokens)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._verdicts.get(key)
-        if cached is not None and typical.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
+        if cached is not None and recent.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
             return cached[1]
         called = replace(shape, drafted=candidates)
-        drafts = [typical.mean] * candidates
-        lengths = self._schedule(drafts, called)
         sps = self.profile.steps_per_second(called.num_requests, called.drafted, called.prefill_tokens)
-        with_drafts = (shape.num_outputs + expected_accepted(drafts, lengths)) * sps(
-            shape.num_tokens + sum(lengths)
-        )
+        rates = []
+        for drafts in recent.batches(candidates):  # each batch cut by the scheduler as a real step would be
+            lengths = self._schedule(drafts, called)
+            accepted = expected_accepted(drafts, lengths)
+            rates.append((shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths)))
         plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
-        verdict = with_drafts > shape.num_outputs * plain * (1 + self.min_gain)
-        self._verdicts[key] = (typical.updates, verdict)
+        verdict = float(np.mean(rates)) > shape.num_outputs * plain * (1 + self.min_gain)
+        self._verdicts[key] = (recent.updates, verdict)
         return verdict
 
 
