@@ -101,6 +101,7 @@ class ConfidenceThreshold:
 RECENT_DRAFTS = 64  # drafts per source the gate judges it by
 GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
 VERDICT_UPDATES = 16  # a gate verdict is recomputed once its source's confidences took this many drafts
+MAX_VERDICTS = 4096  # cached gate verdicts (per source and batch shape) before they are dropped
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
@@ -205,6 +206,8 @@ class ScheduledVerification:
             rates.append((shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths)))
         plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
         verdict = float(np.mean(rates)) > shape.num_outputs * plain * (1 + self.min_gain)
+        if len(self._verdicts) >= MAX_VERDICTS:  # shapes are many (prompt chunks vary): stay bounded
+            self._verdicts.clear()
         self._verdicts[key] = (recent.updates, verdict)
         return verdict
 
