@@ -30,6 +30,7 @@ from dspark.errors import InvalidRequestError
 from dspark.models.kv_cache import KVCache
 from dspark.models.llama import Transformer
 from dspark.proposers import Draft, HybridProposer, Proposer, TargetObserver
+from dspark.proposers.hybrid import merge_drafts
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
 from dspark.scheduling import OnlineAcceptanceEstimator, StepShape, VerificationPolicy
 from dspark.scheduling.cost_profile import ProfileMeasurement
@@ -347,9 +348,8 @@ class Engine:
             candidates = [candidates[(self._explore_turn + j) % len(candidates)] for j in range(count)]
         if candidates:
             made = call([requests[i] for i in candidates], [limits[i] for i in candidates])
-            for i, draft in zip(candidates, made, strict=True):
-                if draft.tokens or not drafts[i].tokens:  # a model with no context yet keeps the lookup's
-                    drafts[i], sources[i] = draft, source
+            for i in merge_drafts(drafts, candidates, made):
+                sources[i] = source
         return _Drafted(drafts, sources, len(candidates), wanted > 0 and count == 0)
 
     def _confidences(self, requests: list[Request], drafts: list[Draft]) -> list[np.ndarray]:

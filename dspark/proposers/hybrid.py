@@ -19,6 +19,17 @@ from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.proposers.ngram import NgramProposer
 
 
+def merge_drafts(drafts: list[Draft], indices: Sequence[int], made: Sequence[Draft]) -> list[int]:
+    """Put the draft model's drafts for requests `indices` into `drafts`, except an empty one over a lookup
+    draft (a model with no context yet keeps the lookup's); returns the requests that took the model's."""
+    replaced = []
+    for i, draft in zip(indices, made, strict=True):
+        if draft.tokens or not drafts[i].tokens:
+            drafts[i] = draft
+            replaced.append(i)
+    return replaced
+
+
 class HybridProposer(Proposer):
     name = "hybrid"
 
@@ -44,10 +55,9 @@ class HybridProposer(Proposer):
     def propose(self, requests: Sequence[DraftRequest], max_lens: Sequence[int]) -> list[Draft]:
         drafts, need = self.lookup_stage(requests, max_lens)
         if need:
-            made = self.model_stage([requests[i] for i in need], [max_lens[i] for i in need])
-            for i, draft in zip(need, made, strict=True):
-                if draft.tokens or not drafts[i].tokens:  # a model with no context yet keeps the lookup's
-                    drafts[i] = draft
+            merge_drafts(
+                drafts, need, self.model_stage([requests[i] for i in need], [max_lens[i] for i in need])
+            )
         return drafts
 
     def lookup_stage(
