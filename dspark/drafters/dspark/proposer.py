@@ -32,7 +32,10 @@ class _RequestContext:
 
     buffers: list[ContextBuffer]
     pending: list[torch.Tensor] = field(default_factory=list)
-    pending_rows: int = 0
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(rows) for rows in self.pending)
 
     @property
     def length(self) -> int:
@@ -82,7 +85,6 @@ class DSparkProposer(Proposer):
         if context is None:
             context = self.contexts[request.request_id] = _RequestContext(self.drafter.new_context())
         context.pending.append(features)
-        context.pending_rows += len(features)
         if context.pending_rows >= MAX_PENDING_ROWS:
             self._flush(context)
 
@@ -95,7 +97,6 @@ class DSparkProposer(Proposer):
             rows = context.pending[0] if len(context.pending) == 1 else torch.cat(context.pending)
             self.drafter.append_context(context.buffers, rows)
             context.pending.clear()
-            context.pending_rows = 0
 
     # ---- proposer ---------------------------------------------------------------------------------------
 
