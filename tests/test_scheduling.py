@@ -49,6 +49,39 @@ def test_profile_interpolates_tokens_and_requests():
     assert profile.steps_per_second(4)(8) == pytest.approx(1 / 0.043)
 
 
+def test_profile_curve_matches_interpolating_tokens_first():
+    """The scheduler's fast curve (requests interpolated first, once per step) against the definition:
+    interpolate each profiled request count's row over tokens, then across log(requests)."""
+    rng = np.random.default_rng(0)
+    requests, tokens, prefill = [1, 2, 4, 8, 16], [1, 2, 3, 5, 9], [32, 128]
+    target = np.cumsum(np.cumsum(rng.uniform(1, 10, (5, 5)), axis=1), axis=0)
+    profile = CostProfile(
+        key="t", requests=requests, tokens_per_request=tokens, target_ms=target.tolist(),
+        draft_ms=rng.uniform(1, 5, 5).tolist(), prefill_tokens=prefill, prefill_ms=[50.0, 150.0],
+    )  # fmt: skip
+
+    def reference_ms(n: int, b: int) -> float:
+        x = b / n
+        rows = [
+            np.interp(x, tokens, row) if x <= tokens[-1]
+            else row[-1] + (row[-1] - row[-2]) / (tokens[-1] - tokens[-2]) * (x - tokens[-1])
+            for row in target
+        ]  # fmt: skip
+        if n >= requests[-1]:
+            return rows[-1] * n / requests[-1]
+        return float(np.interp(np.log(n), np.log(requests), rows))
+
+    for n in (1, 3, 4, 11, 16, 40):
+        for b in (n, n + 1, 2 * n + 1, 4 * n, 12 * n):
+            for drafted, prefill_tokens in ((None, 0), (1, 64), (0, 300)):
+                sps = profile.steps_per_second(n, drafted, prefill_tokens)(b)
+                seconds = profile.step_seconds(n, b, drafted, prefill_tokens)
+                draft = profile.draft_seconds(n if drafted is None else drafted)
+                expected = reference_ms(n, b) / 1000 + draft + profile.prefill_seconds(prefill_tokens)
+                assert seconds == pytest.approx(expected, rel=1e-9)
+                assert sps == pytest.approx(1 / expected, rel=1e-9)
+
+
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     proposer = NgramProposer()
     measured = load_or_measure(default_model, proposer, 2, 6, tmp_path)

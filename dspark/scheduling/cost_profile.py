@@ -17,6 +17,7 @@ fails.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -28,7 +29,6 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
@@ -60,9 +60,19 @@ class CostProfile(BaseModel):
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
 
     def target_seconds(self, num_requests: int, num_tokens: int) -> float:
-        per_request = num_tokens / max(num_requests, 1)
-        rows = [_interp_extrapolated(per_request, self.tokens_per_request, row) for row in self.target_ms]
-        return self._across_requests(num_requests, rows) / 1000
+        return (
+            _interp_extrapolated(
+                num_tokens / max(num_requests, 1), self.tokens_per_request, self._target_curve(num_requests)
+            )
+            / 1000
+        )
+
+    def _target_curve(self, num_requests: int) -> list[float]:
+        """Forward ms per profiled tokens-per-request at `num_requests` requests. Both interpolations are
+        linear in the times, so interpolating across requests first gives what interpolating across tokens
+        first would, and a scheduler asking one step's many token counts pays for this once."""
+        columns = zip(*self.target_ms, strict=True)
+        return [self._across_requests(num_requests, column) for column in columns]
 
     def draft_seconds(self, num_requests: int) -> float:
         return self._across_requests(num_requests, self.draft_ms) / 1000 if num_requests else 0.0
@@ -85,23 +95,30 @@ class CostProfile(BaseModel):
         self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0
     ) -> Callable[[int], float]:
         """SPS(B) for a step of `num_requests` decoding requests feeding B tokens (plus prompt chunks of
-        `prefill_tokens` tokens), `drafted` of them drafted for: what Algorithm 1 trades against tau."""
-        return lambda num_tokens: 1.0 / self.step_seconds(num_requests, num_tokens, drafted, prefill_tokens)
+        `prefill_tokens` tokens), `drafted` of them drafted for: what Algorithm 1 trades against tau. Asked
+        for many B each step: the parts that do not depend on B are computed once."""
+        draft = self.draft_seconds(num_requests if drafted is None else drafted)
+        fixed_ms = 1000 * (draft + self.prefill_seconds(prefill_tokens))
+        curve, grid = self._target_curve(num_requests), self.tokens_per_request
+        requests = max(num_requests, 1)
+        return lambda num_tokens: 1000 / (fixed_ms + _interp_extrapolated(num_tokens / requests, grid, curve))
 
     def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
         """Interpolate in log(requests); beyond the largest profiled count, scale linearly."""
         counts = self.requests
         if num_requests >= counts[-1]:
             return float(values[-1]) * num_requests / counts[-1]
-        return float(np.interp(math.log(max(num_requests, 1)), [math.log(c) for c in counts], values))
+        return _interp_extrapolated(math.log(max(num_requests, 1)), [math.log(c) for c in counts], values)
 
 
 def _interp_extrapolated(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Linear interpolation, continued linearly past the last point (np.interp would clamp)."""
-    if x <= xs[-1]:
-        return float(np.interp(x, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return float(ys[-1] + slope * (x - xs[-1]))
+    """Linear interpolation, clamped below the first point and continued linearly past the last (np.interp
+    would clamp). Plain Python: the grids are a handful of points, asked thousands of times a second."""
+    if x <= xs[0] or len(xs) == 1:
+        return float(ys[0])
+    i = min(bisect.bisect_left(xs, x), len(xs) - 1)  # xs[i - 1] < x <= xs[i], or past the last point
+    slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+    return float(ys[i] + slope * (x - xs[i]))
 
 
 # ---- plausibility ------------------------------------------------------------------------------------------
