@@ -145,3 +145,49 @@ def test_a_model_that_cannot_pay_is_gated_while_lookup_drafts_go_on(default_mode
     assert later and all(n == 1 for n in later)  # after the first look: exploring only
     assert len(later) <= steps // 4
     assert engine.proposer.lookup_drafts > 0 and engine.stats.accepted > 0
+
+
+def test_lookup_is_gated_too_where_no_verification_can_pay(default_model, tokenizer):
+    """Prompt lookup is free, but its per-step work is not: where the profile makes every verified token cost
+    more than it yields, the gate skips lookup as well (one request explores now and then), and the output
+    is still the target's own."""
+
+    class CountingLookup(NgramProposer):
+        def __init__(self) -> None:
+            super().__init__(1, 4)
+            self.calls: list[int] = []
+
+        def propose(self, requests, max_lens):
+            self.calls.append(len(requests))
+            return super().propose(requests, max_lens)
+
+    lookup = CountingLookup()
+    config = EngineConfig(
+        proposer="hybrid", max_batch_size=4, num_speculative_tokens=4,
+        verification=VerificationConfig(policy="fixed"),  # no profile measured: the test brings its own
+    )  # fmt: skip
+    engine = build_engine(
+        config, model=default_model, tokenizer=tokenizer, proposer=HybridProposer(lookup, CountingModel())
+    )
+    costly_verification = CostProfile(
+        key="test", requests=[1, 4], tokens_per_request=[1, 2, 5],
+        target_ms=[[10.0, 100.0, 400.0], [20.0, 400.0, 1600.0]], draft_ms=[1.0, 2.0],
+    )  # fmt: skip
+    engine.policy = ScheduledVerification(costly_verification, draft_gate=True, explore_every=4)
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
+    prompts = [[5 + i, 17, 23, 42, 5 + i, 17, 23, 42, 5 + i, 17, 23] for i in range(4)]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    ids = [engine.add_request(p, params) for p in prompts]
+    got, steps = {i: [] for i in ids}, 0
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert [got[i] for i in ids] == expected
+    later = lookup.calls[1:]
+    assert later and all(n == 1 for n in later)  # after the first look: exploring only
+    assert len(later) <= steps // 4
+    assert engine.stats.drafted <= len(prompts)  # the first look's at most: verifying does not pay here

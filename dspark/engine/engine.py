@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -328,29 +328,42 @@ class Engine:
             s.draft = _truncated(draft, k) if k else None
 
     def _draft(self, requests: list[Request], limits: list[int], shape: StepShape) -> _Drafted:
-        """Each request's draft (empty where the gate withheld it) and its source. The hybrid's prompt lookup
-        is free and never gated (a mean over its drafts would hide the long matches that pay at any load; the
-        scheduler cuts each draft by its own confidence); its draft model, like any single proposer, is called
-        for as many of the requests lookup left to it as the policy grants."""
+        """Each request's draft (empty where a gate withheld it) and its source. Every source is called for
+        as many requests as the policy grants (all, one to explore, none), judged by its own recent drafts:
+        the hybrid's prompt lookup first (free: the gate weighs only the verification it would add), then
+        its draft model for the requests lookup left to it; a single proposer alone."""
         proposer = self.proposer
+        drafts = [Draft([]) for _ in requests]
+        sources = [proposer.name] * len(requests)
+        candidates = list(range(len(requests)))
         if isinstance(proposer, HybridProposer):
-            drafts, candidates = proposer.lookup_stage(requests, limits)
-            sources = [proposer.lookup.name] * len(requests)
+            looked = self._granted(replace(shape, drafted=0), candidates, proposer.lookup.name)
+            made, weak = (
+                ([], [])
+                if not looked
+                else proposer.lookup_stage([requests[i] for i in looked], [limits[i] for i in looked])
+            )
+            for i, draft in zip(looked, made, strict=True):
+                drafts[i], sources[i] = draft, proposer.lookup.name
+            kept = {looked[j] for j in set(range(len(looked))) - set(weak)}
+            candidates = [i for i in candidates if i not in kept]
             source, call = proposer.model.name, proposer.model_stage
         else:
-            drafts, candidates = [Draft([]) for _ in requests], list(range(len(requests)))
-            sources = [proposer.name] * len(requests)
             source, call = proposer.name, proposer.propose
-        wanted = len(candidates)
-        count = self.policy.drafting(shape, wanted, source) if wanted else 0
-        if count < wanted:  # gated, or exploring: one request, each in turn
-            self._explore_turn += 1
-            candidates = [candidates[(self._explore_turn + j) % len(candidates)] for j in range(count)]
-        if candidates:
-            made = call([requests[i] for i in candidates], [limits[i] for i in candidates])
-            for i in merge_drafts(drafts, candidates, made):
+        granted = self._granted(shape, candidates, source)
+        if granted:
+            made = call([requests[i] for i in granted], [limits[i] for i in granted])
+            for i in merge_drafts(drafts, granted, made):
                 sources[i] = source
-        return _Drafted(drafts, sources, len(candidates), wanted > 0 and count == 0)
+        return _Drafted(drafts, sources, len(granted), bool(candidates) and not granted)
+
+    def _granted(self, shape: StepShape, candidates: list[int], source: str) -> list[int]:
+        """The candidates the policy lets `source` draft for: all, or (gated, exploring) one in turn."""
+        count = self.policy.drafting(shape, len(candidates), source) if candidates else 0
+        if count >= len(candidates):
+            return candidates
+        self._explore_turn += 1
+        return [candidates[(self._explore_turn + j) % len(candidates)] for j in range(count)]
 
     def _confidences(self, requests: list[Request], drafts: list[Draft]) -> list[np.ndarray]:
         """The drafter's own confidences, else the online estimator's from the drafts' features."""

@@ -191,13 +191,13 @@ class ScheduledVerification:
         calling it (no draft time, no drafts)? Asked every step, so a verdict is kept per shape: while the
         source drafts, until it took VERDICT_UPDATES more drafts; while it is gated, until its next look."""
         recent = self.recent[source]
+        called = shape if shape.drafted is not None else replace(shape, drafted=candidates)
         key = (id(self.profile), source, candidates, shape.num_requests, shape.num_tokens, shape.num_outputs,
-               shape.prefill_tokens)  # fmt: skip
+               shape.prefill_tokens, called.drafted)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._verdicts.get(key)
         if cached is not None and recent.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
             return cached[1]
-        called = replace(shape, drafted=candidates)
         sps = self.profile.steps_per_second(called.num_requests, called.drafted, called.prefill_tokens)
         rates = []
         for drafts in recent.batches(candidates):  # each batch cut by the scheduler as a real step would be
