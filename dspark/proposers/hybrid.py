@@ -64,7 +64,7 @@ class HybridProposer(Proposer):
         self, requests: Sequence[DraftRequest], max_lens: Sequence[int]
     ) -> tuple[list[Draft], list[int]]:
         """Every request's n-gram draft, and the requests whose match is too short to keep it alone (the
-        draft model's candidates). The engine calls the two stages itself, to gate the costly one."""
+        draft model's candidates). The engine calls the two stages itself, to gate each by its own drafts."""
         drafts = self.lookup.propose(requests, max_lens)
         need = [i for i, d in enumerate(drafts) if not d.tokens or (d.scores or [0.0])[0] < self.min_match]
         self.lookup_drafts += len(requests) - len(need)

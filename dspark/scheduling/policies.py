@@ -4,7 +4,9 @@ One engine, one code path: the engine asks the policy for how many requests to c
 (all, one to explore, or none), then hands it every drafting request's per-position confidences and
 verifies exactly the prefixes it returns. (Speculation itself is switched off in one place only: the
 engine's proposer `none`.) A source is a proposer's name: the hybrid's prompt lookup and draft model are two
-sources, gated apart, so the free one keeps drafting at loads where the costly one cannot pay.
+sources, gated apart, so the free one keeps drafting at loads where the costly one cannot pay. A free source
+is charged no draft time (`StepShape.drafted` 0) and gated only where the scheduler would verify none of its
+recent drafts: there its per-step work (lookup, confidences, scheduling) buys nothing.
 - `fixed`: verify the whole draft (up to gamma), the classic speculative decoding.
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
@@ -188,8 +190,9 @@ class ScheduledVerification:
 
     def _pays_off(self, shape: StepShape, candidates: int, source: str) -> bool:
         """Would the source's recent drafts, in batches of `candidates`, raise expected tokens/s above not
-        calling it (no draft time, no drafts)? Asked every step, so a verdict is kept per shape: while the
-        source drafts, until it took VERDICT_UPDATES more drafts; while it is gated, until its next look."""
+        calling it (no draft time, no drafts)? The call's draft time is that of `shape.drafted` requests
+        (None: all the candidates; a free source: 0). Asked every step, so a verdict is kept per shape:
+        while the source drafts, until VERDICT_UPDATES more drafts came in; while gated, until it looks."""
         recent = self.recent[source]
         called = shape if shape.drafted is not None else replace(shape, drafted=candidates)
         key = (id(self.profile), source, candidates, shape.num_requests, shape.num_tokens, shape.num_outputs,
@@ -205,7 +208,9 @@ class ScheduledVerification:
             accepted = expected_accepted(drafts, lengths)
             rates.append((shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths)))
         plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
-        verdict = float(np.mean(rates)) > shape.num_outputs * plain * (1 + self.min_gain)
+        # A free source costs only its per-step Python: it drafts wherever any batch would verify something.
+        margin = self.min_gain if called.drafted else 0.0
+        verdict = float(np.mean(rates)) > shape.num_outputs * plain * (1 + margin)
         if len(self._verdicts) >= MAX_VERDICTS:  # shapes are many (prompt chunks vary): stay bounded
             self._verdicts.clear()
         self._verdicts[key] = (recent.updates, verdict)
