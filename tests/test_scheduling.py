@@ -324,6 +324,27 @@ def test_draft_gate_judges_a_source_by_its_drafts_not_their_mean():
     assert averaged.drafting(shape, 1, "model") == 0
 
 
+def test_draft_gate_weighs_a_model_against_the_drafts_its_requests_already_hold():
+    """A model whose drafts beat plain decoding, but not the free lookup drafts its requests already hold,
+    is not worth its call; against no drafts (or hopeless ones) it is. Checked against the step's tokens/s
+    computed by hand from the profile."""
+    profile = CostProfile(
+        key="t", requests=[1, 4], tokens_per_request=[1, 2, 4],
+        target_ms=[[10.0, 12.0, 16.0], [20.0, 30.0, 50.0]], draft_ms=[4.0, 16.0],
+    )  # fmt: skip
+    shape = StepShape(1, 1, 1)
+    model = np.array([0.8, 0.6, 0.5])
+    # By hand: the scheduler verifies 2 tokens (survival 0.8, 0.48): 2.28 tokens in 4 + 14 ms = 127 tok/s
+    # (1 token: 1.8 in 16 ms = 112), against 100 plain; lookup's 1 token at 0.9 verified for free: 1.9
+    # tokens in 12 ms = 158 tok/s.
+    assert schedule_prefixes([model], profile.steps_per_second(1, 1)) == [2]
+    policy = ScheduledVerification(profile)
+    policy.lengths([model] * 8, shape, ["model"] * 8)
+    assert policy.drafting(shape, 1, "model") == 1  # against plain decoding: pays
+    assert policy.drafting(shape, 1, "model", [np.array([0.05])]) == 1  # a hopeless lookup draft: same
+    assert policy.drafting(shape, 1, "model", [np.array([0.9])]) == 0  # a good lookup draft wins
+
+
 def test_min_gain_refuses_thin_admissions():
     """A second token costing 11% more time and surviving with 0.12 gains 0.9% in expectation."""
     sps = {1: 1.0, 2: 1 / 1.11}.__getitem__  # the second token costs 11% more time

@@ -350,16 +350,25 @@ class Engine:
             source, call = proposer.model.name, proposer.model_stage
         else:
             source, call = proposer.name, proposer.propose
-        granted = self._granted(shape, candidates, source)
+        # The model must beat what its candidates hold without it: their weak lookup drafts, if any.
+        weak_drafts = [drafts[i] for i in candidates]
+        fallback = (
+            self._confidences([requests[i] for i in candidates], weak_drafts)
+            if any(d.tokens for d in weak_drafts)
+            else ()
+        )
+        granted = self._granted(shape, candidates, source, fallback)
         if granted:
             made = call([requests[i] for i in granted], [limits[i] for i in granted])
             for i in merge_drafts(drafts, granted, made):
                 sources[i] = source
         return _Drafted(drafts, sources, len(granted), bool(candidates) and not granted)
 
-    def _granted(self, shape: StepShape, candidates: list[int], source: str) -> list[int]:
+    def _granted(
+        self, shape: StepShape, candidates: list[int], source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> list[int]:
         """The candidates the policy lets `source` draft for: all, or (gated, exploring) one in turn."""
-        count = self.policy.drafting(shape, len(candidates), source) if candidates else 0
+        count = self.policy.drafting(shape, len(candidates), source, fallback) if candidates else 0
         if count >= len(candidates):
             return candidates
         self._explore_turn += 1

@@ -60,8 +60,12 @@ class StepShape:
 class VerificationPolicy(Protocol):
     name: str
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
-        """How many of `candidates` requests to call draft source `source` for this step."""
+    def drafting(
+        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> int:
+        """How many of `candidates` requests to call draft source `source` for this step; `fallback`: the
+        confidences of the drafts the candidates hold without it (a hybrid's weak lookup drafts), the value
+        its drafts must beat (none: decoding without drafts)."""
         ...
 
     def lengths(
@@ -75,7 +79,9 @@ class VerificationPolicy(Protocol):
 class FixedLength:
     name = "fixed"
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(
+        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> int:
         return candidates
 
     def lengths(
@@ -90,7 +96,9 @@ class ConfidenceThreshold:
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(
+        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> int:
         return candidates
 
     def lengths(
@@ -102,8 +110,8 @@ class ConfidenceThreshold:
 
 RECENT_DRAFTS = 64  # drafts per source the gate judges it by
 GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
-VERDICT_UPDATES = 16  # a gate verdict is recomputed once its source's confidences took this many drafts
-MAX_VERDICTS = 4096  # cached gate verdicts (per source and batch shape) before they are dropped
+VERDICT_UPDATES = 16  # a source's gate rate is recomputed once it took this many drafts
+MAX_VERDICTS = 4096  # cached gate rates (per source and batch shape) before they are dropped
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
@@ -150,13 +158,15 @@ class ScheduledVerification:
         self.recent: dict[str, RecentDrafts] = {}
         self._gated: dict[str, int] = {}  # per source: consecutive steps the gate skipped
         self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
-        self._verdicts: dict[tuple, tuple[int, bool]] = {}  # per source and shape: (updates, verdict)
+        self._rates: dict[tuple, tuple[int, float]] = {}  # per source and shape: (updates, tokens/s)
 
-    def drafting(self, shape: StepShape, candidates: int, source: str) -> int:
+    def drafting(
+        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> int:
         recent = self.recent.get(source)
         if self.profile is None or not self.draft_gate or recent is None or not candidates:
             return candidates
-        if self._pays_off(shape, candidates, source):
+        if self._pays_off(shape, candidates, source, fallback):
             self._gated[source] = 0
             self._interval[source] = self.explore_every
             return candidates
@@ -188,33 +198,46 @@ class ScheduledVerification:
             min_gain=self.min_gain,
         )  # fmt: skip
 
-    def _pays_off(self, shape: StepShape, candidates: int, source: str) -> bool:
-        """Would the source's recent drafts, in batches of `candidates`, raise expected tokens/s above not
-        calling it (no draft time, no drafts)? The call's draft time is that of `shape.drafted` requests
-        (None: all the candidates; a free source: 0). Asked every step, so a verdict is kept per shape:
-        while the source drafts, until VERDICT_UPDATES more drafts came in; while gated, until it looks."""
-        recent = self.recent[source]
+    def _pays_off(
+        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
+    ) -> bool:
+        """Would the source's recent drafts, in batches of `candidates`, raise expected tokens/s above what
+        the step yields without calling it: no draft time, and the candidates' `fallback` drafts (none:
+        plain decoding)? The call's draft time is that of `shape.drafted` requests (None: all the
+        candidates; a free source: 0). A free source costs only its per-step Python: it drafts wherever
+        anything would be verified; a costly one must gain `min_gain` more."""
         called = shape if shape.drafted is not None else replace(shape, drafted=candidates)
-        key = (id(self.profile), source, candidates, shape.num_requests, shape.num_tokens, shape.num_outputs,
-               shape.prefill_tokens, called.drafted)  # fmt: skip
+        margin = self.min_gain if called.drafted else 0.0
+        without = self._rate(fallback, replace(shape, drafted=0))  # the fallback drafts are free
+        return self._source_rate(called, candidates, source) > without * (1 + margin)
+
+    def _source_rate(self, called: StepShape, candidates: int, source: str) -> float:
+        """Expected tokens/s of a step calling `source` for `candidates` requests, averaged over batches of
+        its recent drafts, each cut by the scheduler as a real step would be. Asked every step, so it is
+        kept per shape: while the source drafts, until VERDICT_UPDATES more drafts came in; while gated,
+        until it looks."""
+        recent = self.recent[source]
+        key = (id(self.profile), source, candidates, called.num_requests, called.num_tokens,
+               called.num_outputs, called.prefill_tokens, called.drafted)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
-        cached = self._verdicts.get(key)
+        cached = self._rates.get(key)
         if cached is not None and recent.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
             return cached[1]
-        sps = self.profile.steps_per_second(called.num_requests, called.drafted, called.prefill_tokens)
-        rates = []
-        for drafts in recent.batches(candidates):  # each batch cut by the scheduler as a real step would be
-            lengths = self._schedule(drafts, called)
-            accepted = expected_accepted(drafts, lengths)
-            rates.append((shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths)))
-        plain = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)(shape.num_tokens)
-        # A free source costs only its per-step Python: it drafts wherever any batch would verify something.
-        margin = self.min_gain if called.drafted else 0.0
-        verdict = float(np.mean(rates)) > shape.num_outputs * plain * (1 + margin)
-        if len(self._verdicts) >= MAX_VERDICTS:  # shapes are many (prompt chunks vary): stay bounded
-            self._verdicts.clear()
-        self._verdicts[key] = (recent.updates, verdict)
-        return verdict
+        rate = float(np.mean([self._rate(drafts, called) for drafts in recent.batches(candidates)]))
+        if len(self._rates) >= MAX_VERDICTS:  # shapes are many (prompt chunks vary): stay bounded
+            self._rates.clear()
+        self._rates[key] = (recent.updates, rate)
+        return rate
+
+    def _rate(self, drafts: Sequence[np.ndarray], shape: StepShape) -> float:
+        """Expected tokens/s of the step verifying what the scheduler admits of `drafts` (none: plain)."""
+        if not any(len(c) for c in drafts):
+            sps = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)
+            return shape.num_outputs * sps(shape.num_tokens)
+        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.prefill_tokens)
+        lengths = self._schedule(drafts, shape)
+        accepted = expected_accepted(drafts, lengths)
+        return (shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths))
 
 
 def build_policy(
