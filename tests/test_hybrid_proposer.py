@@ -10,7 +10,7 @@ import torch
 from dspark.assembly import build_engine
 from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER
 from dspark.drafters.dspark.proposer import DSparkProposer
-from dspark.engine import EngineConfig
+from dspark.engine import Engine, EngineConfig
 from dspark.proposers import Draft, HybridProposer, NgramProposer, Proposer
 from dspark.sampling import SamplingParams
 from dspark.scheduling import VerificationConfig
@@ -102,6 +102,33 @@ def test_hybrid_greedy_output_is_the_targets_own(default_model, tokenizer, to_ch
         assert spec.proposer.model_calls > 0 and spec.proposer.lookup_drafts > 0
 
 
+def _run_gated_hybrid(
+    default_model, tokenizer, hybrid: HybridProposer, profile: CostProfile
+) -> tuple[Engine, int]:
+    """Four repetitive prompts through a hybrid engine scheduled on `profile` (exploring every 4 gated
+    steps); checks the output is plain decoding's; returns the engine and its number of steps."""
+    config = EngineConfig(
+        proposer="hybrid", max_batch_size=4, num_speculative_tokens=4,
+        verification=VerificationConfig(policy="fixed"),  # no profile measured: the test brings its own
+    )  # fmt: skip
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=hybrid)
+    engine.policy = ScheduledVerification(profile, draft_gate=True, explore_every=4)
+    plain = build_engine(
+        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
+    )
+    prompts = [[5 + i, 17, 23, 42, 5 + i, 17, 23, 42, 5 + i, 17, 23] for i in range(4)]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    ids = [engine.add_request(p, params) for p in prompts]
+    got, steps = {i: [] for i in ids}, 0
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert [got[i] for i in ids] == expected
+    return engine, steps
+
+
 def test_a_model_that_cannot_pay_is_gated_while_lookup_drafts_go_on(default_model, tokenizer):
     """The scheduler gates the hybrid's two parts apart: with a draft model far too slow to pay, it is only
     called to explore (one request at a time), while the free lookup drafts keep being verified."""
@@ -116,35 +143,16 @@ def test_a_model_that_cannot_pay_is_gated_while_lookup_drafts_go_on(default_mode
             return super().propose(requests, max_lens)
 
     model = SizedCalls()
-    config = EngineConfig(
-        proposer="hybrid", max_batch_size=4, num_speculative_tokens=4,
-        verification=VerificationConfig(policy="fixed"),  # no profile measured: the test brings its own
-    )  # fmt: skip
-    engine = build_engine(
-        config, model=default_model, tokenizer=tokenizer, proposer=HybridProposer(NgramProposer(1, 4), model)
-    )
+    hybrid = HybridProposer(NgramProposer(1, 4), model)
     slow_model = CostProfile(
         key="test", requests=[1, 4], tokens_per_request=[1, 2, 5],
         target_ms=[[10.0, 11.0, 14.0], [20.0, 24.0, 30.0]], draft_ms=[1000.0, 4000.0],
     )  # fmt: skip
-    engine.policy = ScheduledVerification(slow_model, draft_gate=True, explore_every=4)
-    plain = build_engine(
-        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
-    )
-    prompts = [[5 + i, 17, 23, 42, 5 + i, 17, 23, 42, 5 + i, 17, 23] for i in range(4)]
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
-    expected = [c.token_ids for c in plain.generate(prompts, params)]
-    ids = [engine.add_request(p, params) for p in prompts]
-    got, steps = {i: [] for i in ids}, 0
-    while engine.has_unfinished():
-        steps += 1
-        for out in engine.step():
-            got[out.request_id] += out.token_ids
-    assert [got[i] for i in ids] == expected
+    engine, steps = _run_gated_hybrid(default_model, tokenizer, hybrid, slow_model)
     later = model.calls[1:]
     assert later and all(n == 1 for n in later)  # after the first look: exploring only
     assert len(later) <= steps // 4
-    assert engine.proposer.lookup_drafts > 0 and engine.stats.accepted > 0
+    assert hybrid.lookup_drafts > 0 and engine.stats.accepted > 0
 
 
 def test_lookup_is_gated_too_where_no_verification_can_pay(default_model, tokenizer):
@@ -162,32 +170,14 @@ def test_lookup_is_gated_too_where_no_verification_can_pay(default_model, tokeni
             return super().propose(requests, max_lens)
 
     lookup = CountingLookup()
-    config = EngineConfig(
-        proposer="hybrid", max_batch_size=4, num_speculative_tokens=4,
-        verification=VerificationConfig(policy="fixed"),  # no profile measured: the test brings its own
-    )  # fmt: skip
-    engine = build_engine(
-        config, model=default_model, tokenizer=tokenizer, proposer=HybridProposer(lookup, CountingModel())
-    )
+    hybrid = HybridProposer(lookup, CountingModel())
     costly_verification = CostProfile(
         key="test", requests=[1, 4], tokens_per_request=[1, 2, 5],
         target_ms=[[10.0, 100.0, 400.0], [20.0, 400.0, 1600.0]], draft_ms=[1.0, 2.0],
     )  # fmt: skip
-    engine.policy = ScheduledVerification(costly_verification, draft_gate=True, explore_every=4)
-    plain = build_engine(
-        EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
-    )
-    prompts = [[5 + i, 17, 23, 42, 5 + i, 17, 23, 42, 5 + i, 17, 23] for i in range(4)]
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
-    expected = [c.token_ids for c in plain.generate(prompts, params)]
-    ids = [engine.add_request(p, params) for p in prompts]
-    got, steps = {i: [] for i in ids}, 0
-    while engine.has_unfinished():
-        steps += 1
-        for out in engine.step():
-            got[out.request_id] += out.token_ids
-    assert [got[i] for i in ids] == expected
+    engine, steps = _run_gated_hybrid(default_model, tokenizer, hybrid, costly_verification)
     later = lookup.calls[1:]
     assert later and all(n == 1 for n in later)  # after the first look: exploring only
     assert len(later) <= steps // 4
-    assert engine.stats.drafted <= len(prompts)  # the first look's at most: verifying does not pay here
+    # The first look's at most: verifying does not pay here.
+    assert engine.stats.drafted <= 4
