@@ -102,6 +102,32 @@ def test_hybrid_greedy_output_is_the_targets_own(default_model, tokenizer, to_ch
         assert spec.proposer.model_calls > 0 and spec.proposer.lookup_drafts > 0
 
 
+class SizedCalls:
+    """Mixin for a proposer: records how many requests each propose call drafted for."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.calls: list[int] = []
+
+    def propose(self, requests, max_lens):
+        self.calls.append(len(requests))
+        return super().propose(requests, max_lens)
+
+
+def _profile(target_ms: list[list[float]], draft_ms: list[float]) -> CostProfile:
+    return CostProfile(
+        key="test", requests=[1, 4], tokens_per_request=[1, 2, 5], target_ms=target_ms, draft_ms=draft_ms
+    )
+
+
+def _assert_explored_only(calls: list[int], steps: int) -> None:
+    """After the first look (nothing known yet), a gated source drafts only to explore: one request at a
+    time, at most every 4th step."""
+    later = calls[1:]
+    assert later and all(n == 1 for n in later)
+    assert len(later) <= steps // 4
+
+
 def _run_gated_hybrid(
     default_model, tokenizer, hybrid: HybridProposer, profile: CostProfile
 ) -> tuple[Engine, int]:
@@ -133,25 +159,14 @@ def test_a_model_that_cannot_pay_is_gated_while_lookup_drafts_go_on(default_mode
     """The scheduler gates the hybrid's two parts apart: with a draft model far too slow to pay, it is only
     called to explore (one request at a time), while the free lookup drafts keep being verified."""
 
-    class SizedCalls(CountingModel):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[int] = []
+    class SizedModel(SizedCalls, CountingModel):
+        pass
 
-        def propose(self, requests, max_lens):
-            self.calls.append(len(requests))
-            return super().propose(requests, max_lens)
-
-    model = SizedCalls()
+    model = SizedModel()
     hybrid = HybridProposer(NgramProposer(1, 4), model)
-    slow_model = CostProfile(
-        key="test", requests=[1, 4], tokens_per_request=[1, 2, 5],
-        target_ms=[[10.0, 11.0, 14.0], [20.0, 24.0, 30.0]], draft_ms=[1000.0, 4000.0],
-    )  # fmt: skip
+    slow_model = _profile([[10.0, 11.0, 14.0], [20.0, 24.0, 30.0]], draft_ms=[1000.0, 4000.0])
     engine, steps = _run_gated_hybrid(default_model, tokenizer, hybrid, slow_model)
-    later = model.calls[1:]
-    assert later and all(n == 1 for n in later)  # after the first look: exploring only
-    assert len(later) <= steps // 4
+    _assert_explored_only(model.calls, steps)
     assert hybrid.lookup_drafts > 0 and engine.stats.accepted > 0
 
 
@@ -160,24 +175,13 @@ def test_lookup_is_gated_too_where_no_verification_can_pay(default_model, tokeni
     more than it yields, the gate skips lookup as well (one request explores now and then), and the output
     is still the target's own."""
 
-    class CountingLookup(NgramProposer):
-        def __init__(self) -> None:
-            super().__init__(1, 4)
-            self.calls: list[int] = []
+    class SizedLookup(SizedCalls, NgramProposer):
+        pass
 
-        def propose(self, requests, max_lens):
-            self.calls.append(len(requests))
-            return super().propose(requests, max_lens)
-
-    lookup = CountingLookup()
+    lookup = SizedLookup(1, 4)
     hybrid = HybridProposer(lookup, CountingModel())
-    costly_verification = CostProfile(
-        key="test", requests=[1, 4], tokens_per_request=[1, 2, 5],
-        target_ms=[[10.0, 100.0, 400.0], [20.0, 400.0, 1600.0]], draft_ms=[1.0, 2.0],
-    )  # fmt: skip
+    costly_verification = _profile([[10.0, 100.0, 400.0], [20.0, 400.0, 1600.0]], draft_ms=[1.0, 2.0])
     engine, steps = _run_gated_hybrid(default_model, tokenizer, hybrid, costly_verification)
-    later = lookup.calls[1:]
-    assert later and all(n == 1 for n in later)  # after the first look: exploring only
-    assert len(later) <= steps // 4
+    _assert_explored_only(lookup.calls, steps)
     # The first look's at most: verifying does not pay here.
     assert engine.stats.drafted <= 4
