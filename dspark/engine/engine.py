@@ -345,8 +345,8 @@ class Engine:
             )
             for i, draft in zip(looked, made, strict=True):
                 drafts[i], sources[i] = draft, proposer.lookup.name
-            kept = {looked[j] for j in set(range(len(looked))) - set(weak)}
-            candidates = [i for i in candidates if i not in kept]
+            strong = set(looked) - {looked[j] for j in weak}  # long matches keep their lookup drafts
+            candidates = [i for i in candidates if i not in strong]
             source, call = proposer.model.name, proposer.model_stage
         else:
             source, call = proposer.name, proposer.propose

@@ -60,12 +60,8 @@ class CostProfile(BaseModel):
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
 
     def target_seconds(self, num_requests: int, num_tokens: int) -> float:
-        return (
-            _interp_extrapolated(
-                num_tokens / max(num_requests, 1), self.tokens_per_request, self._target_curve(num_requests)
-            )
-            / 1000
-        )
+        curve = self._target_curve(num_requests)
+        return _interp_extrapolated(num_tokens / max(num_requests, 1), self.tokens_per_request, curve) / 1000
 
     def _target_curve(self, num_requests: int) -> list[float]:
         """Forward ms per profiled tokens-per-request at `num_requests` requests. Both interpolations are

@@ -110,8 +110,8 @@ class ConfidenceThreshold:
 
 RECENT_DRAFTS = 64  # drafts per source the gate judges it by
 GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
-VERDICT_UPDATES = 16  # a source's gate rate is recomputed once it took this many drafts
-MAX_VERDICTS = 4096  # cached gate rates (per source and batch shape) before they are dropped
+RATE_UPDATES = 16  # a source's gate rate is recomputed once it took this many drafts
+MAX_RATES = 4096  # cached gate rates (per source and batch shape) before they are dropped
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
@@ -214,17 +214,17 @@ class ScheduledVerification:
     def _source_rate(self, called: StepShape, candidates: int, source: str) -> float:
         """Expected tokens/s of a step calling `source` for `candidates` requests, averaged over batches of
         its recent drafts, each cut by the scheduler as a real step would be. Asked every step, so it is
-        kept per shape: while the source drafts, until VERDICT_UPDATES more drafts came in; while gated,
+        kept per shape: while the source drafts, until RATE_UPDATES more drafts came in; while gated,
         until it looks."""
         recent = self.recent[source]
         key = (id(self.profile), source, candidates, called.num_requests, called.num_tokens,
                called.num_outputs, called.prefill_tokens, called.drafted)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._rates.get(key)
-        if cached is not None and recent.updates - cached[0] < (1 if gated else VERDICT_UPDATES):
+        if cached is not None and recent.updates - cached[0] < (1 if gated else RATE_UPDATES):
             return cached[1]
         rate = float(np.mean([self._rate(drafts, called) for drafts in recent.batches(candidates)]))
-        if len(self._rates) >= MAX_VERDICTS:  # shapes are many (prompt chunks vary): stay bounded
+        if len(self._rates) >= MAX_RATES:  # shapes are many (prompt chunks vary): stay bounded
             self._rates.clear()
         self._rates[key] = (recent.updates, rate)
         return rate
