@@ -43,6 +43,20 @@ def _generate(engine, prompts, on_step=None, limit_s: float = 60.0) -> list[list
     return [tokens[i] for i in ids]
 
 
+def _wait_until_restarted(actor, timeout: float = 60.0) -> None:
+    """Until a killed actor answers again: while Ray restarts it, calls fail with ActorUnavailableError
+    (how long depends on the machine's load), which callers are meant to retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.describe.remote(), timeout=timeout)
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_killed_draft_worker_degrades_to_plain_decoding_and_recovers(local_ray, default_model, tokenizer):
     from deployments.workers import start_replica
 
@@ -71,7 +85,7 @@ def test_killed_draft_worker_degrades_to_plain_decoding_and_recovers(local_ray, 
         assert remote.failures >= 1 and remote.fallbacks >= len(PROMPTS)
 
         # Ray restarts the worker (an empty host): the next requests draft through it again.
-        ray.get(workers.drafter.describe.remote(), timeout=60)
+        _wait_until_restarted(workers.drafter)
         time.sleep(max(0.0, remote.retry_at - time.monotonic()))  # the pause after the last fault
         failures, accepted = remote.failures, engine.stats.accepted
         assert _generate(engine, PROMPTS) == expected
