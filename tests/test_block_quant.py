@@ -37,11 +37,11 @@ def ggml_q8_0(x: torch.Tensor) -> torch.Tensor:
     return (d.half().float() * q).reshape(x.shape)
 
 
-@needs_kernel
 def fp16_values(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
+@needs_kernel
 @pytest.mark.parametrize(
     ("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]
 )
@@ -106,3 +106,40 @@ def test_the_shipped_drafter_reads_fp16_weights_and_the_targets_q8_rows(default_
     kinds = {name: m.weight_format for name, m in drafter.named_modules() if isinstance(m, Linear)}
     assert kinds.pop("lm_head") == "q8_0"  # the target's LM head rows at the draft ids
     assert set(kinds.values()) <= {"f16", "fp32"} and list(kinds.values()).count("f16") >= 6, kinds
+
+
+def _avx512_available() -> bool:
+    ops = native_ops()
+    if ops is None:
+        return False
+    was = ops.set_avx512(True)
+    try:
+        return ops.avx512_enabled()
+    finally:
+        ops.set_avx512(was)
+
+
+@pytest.mark.skipif(not _avx512_available(), reason="the CPU lacks AVX-512")
+@pytest.mark.parametrize(
+    ("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]
+)
+def test_the_avx512_paths_give_the_avx2_paths_bits(kind, quantize):
+    """Two rows per 512-bit register, each lane doing the AVX2 kernel's FMAs in its order: the same bits, for
+    every row count (odd ones pad a pair), in the block kernels and the fp32 kernel alike."""
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(7)
+    w = quantize(torch.randn(192, 576, generator=gen) * 0.05)
+    blocks = block_quantized(w)
+    assert blocks is not None and blocks.kind == kind
+    was = ops.set_avx512(True)
+    try:
+        for rows in [*range(1, 26), 41, MAX_ROWS]:
+            x = torch.randn(rows, 576, generator=gen)
+            wide = (blocks(x), ops.small_m_linear(x, w))
+            ops.set_avx512(False)
+            narrow = (blocks(x), ops.small_m_linear(x, w))
+            ops.set_avx512(True)
+            assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1]), rows
+            torch.testing.assert_close(wide[0], F.linear(x, w), rtol=1e-5, atol=1e-4)
+    finally:
+        ops.set_avx512(was)

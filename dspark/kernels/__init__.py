@@ -75,6 +75,15 @@ def native_ops() -> ModuleType | None:
         return None
 
 
+def simd_level() -> str:
+    """The widest SIMD path the kernels take here: "avx512", "avx2", or "none" (no native kernels). The
+    paths give the same bits; what a step costs differs (cost profiles are keyed by it)."""
+    ops = native_ops()
+    if ops is None:
+        return "none"
+    return "avx512" if ops.avx512_enabled() else "avx2"
+
+
 def small_m_linear() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """`op(x [M, K], w [N, K]) -> x @ w.T` tuned for small M (fp32), or None when unavailable."""
     ops = native_ops()

@@ -13,7 +13,9 @@
 // time. From 2 rows on, each group of 4 weight rows is rebuilt once into an fp32 scratch that stays in L1 and
 // small_m_linear's own micro-kernel (simd.h) multiplies it by every row of x: the arithmetic of the rebuild
 // is paid once per weight and call, and with up to ~100 rows this beats oneDNN's fp32 GEMM on the dev
-// machine (it reads 4 bytes per weight).
+// machine (it reads 4 bytes per weight). On an AVX-512 CPU the micro-kernel takes two rows of x per register
+// (the same bits): a 2-core Zen 5 multiplies SmolLM2-135M's weights by 4-64 rows 1.4-1.6x faster than with
+// AVX2, and up to 64 rows the block kernel still beats oneDNN end to end.
 //
 // fp16 (a drafter's weights, stored as fp16 and widened exactly) works the same way with one conversion per
 // 8 weights and 2 bytes each.
@@ -122,6 +124,8 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
   const float* Mn = Q4 ? m.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
   const int64_t s_stride = K / 32;
+  const bool paired = M > 1 && dspark::avx512_enabled();  // the same bits from half the instructions (simd.h)
+  const std::vector<float> xp = paired ? dspark::paired_rows(X, M, K) : std::vector<float>();
   at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> rebuilt(M == 1 ? 0 : 4 * K);
     for (int64_t b = begin; b < end; ++b) {
@@ -133,7 +137,10 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
         continue;
       }
       rebuild4<KIND>(qb, q_stride, db, mb, s_stride, K, rebuilt.data());
-      dspark::dot4(rebuilt.data(), X, M, K, Y + b * 4, N, nullptr, 0);
+      if (paired)
+        dspark::dot4_paired(rebuilt.data(), xp.data(), M, K, Y + b * 4, N);
+      else
+        dspark::dot4(rebuilt.data(), X, M, K, Y + b * 4, N, nullptr, 0);
     }
   });
   return y;

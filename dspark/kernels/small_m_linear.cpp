@@ -19,6 +19,13 @@ torch::Tensor small_m_linear(const torch::Tensor& x_in, const torch::Tensor& w) 
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
+  if (M > 1 && dspark::avx512_enabled()) {  // the same bits from half the instructions (simd.h)
+    const std::vector<float> paired = dspark::paired_rows(X, M, K);
+    at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) dspark::dot4_paired(W + b * 4 * K, paired.data(), M, K, Y + b * 4, N);
+    });
+    return y;
+  }
   at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       // pull the next group toward L1 while this one computes: overlaps DRAM with FMAs

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
-from dspark.kernels import sources_digest
+from dspark.kernels import simd_level, sources_digest
 from dspark.models.linear import Linear
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Proposer
@@ -216,7 +216,7 @@ def profile_key(
         str(next(model.parameters()).device), str(model.embed.dtype), str(model.native is not None),
         f"{cfg.num_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.num_heads}x{cfg.vocab_size}",
         str(max_requests), str(num_speculative_tokens), proposer_signature, str(PROFILE_VERSION),
-        sources_digest(),
+        sources_digest(), simd_level(),
         ",".join(sorted({m.weight_format for m in model.modules() if isinstance(m, Linear)})),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
