@@ -12,6 +12,7 @@ from dspark.scheduling import (
     StepShape,
     VerificationConfig,
     build_policy,
+    cost_profile,
     load_or_measure,
     schedule_prefixes,
 )
@@ -20,6 +21,7 @@ from dspark.scheduling.cost_profile import (
     cached_or_measurement,
     plausibility,
     profile_key,
+    profile_target,
 )
 from dspark.scheduling.policies import ScheduledVerification
 
@@ -85,7 +87,7 @@ def test_profile_curve_matches_interpolating_tokens_first():
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     proposer = NgramProposer()
     measured = load_or_measure(default_model, proposer, 2, 6, tmp_path)
-    assert measured.tokens_per_request == [1, 2, 3, 5, 7]  # up to 1 + the longest draft
+    assert measured.tokens_per_request == [1, 1.25, 1.5, 2, 3, 5, 7]  # up to 1 + the longest draft
     assert measured.requests == [1, 2]
     assert all(ms > 0 for row in measured.target_ms for ms in row)
     # more tokens never cost much less (allowing timing noise), more requests cost more
@@ -111,6 +113,42 @@ def _fake_measurements(profiles: list[CostProfile]):
 
 
 GOOD = [[10.0, 11.0, 14.0], [20.0, 24.0, 40.0]]
+
+
+def test_fractional_token_counts_are_measured_as_a_few_requests_verifying(default_model, monkeypatch):
+    """1.25 tokens per request at 4 requests is 5 rows, one request taking 2: the shape of a loaded step
+    where the scheduler verifies a token for one request. Counts no whole number of rows can take (1.5
+    tokens for 1 request) are interpolated between their measured neighbours."""
+    last_fed: list[int] = []
+    fed: dict[tuple[int, float], list[int]] = {}
+    forward = default_model.forward
+
+    def recording(tokens, layout, cache, *args, **kwargs):
+        last_fed[:] = layout.num_new
+        return forward(tokens, layout, cache, *args, **kwargs)
+
+    def rows_as_ms(runs, rounds=1):  # instead of timing: each shape "takes" 10 ms per row it fed
+        for shape, run in runs.items():
+            run()
+            fed[shape] = list(last_fed)
+            yield
+        return {shape: 10.0 * sum(rows) for shape, rows in fed.items()}
+
+    monkeypatch.setattr(default_model, "forward", recording)
+    monkeypatch.setattr(cost_profile, "_interleaved_medians", rows_as_ms)
+    gen = profile_target(default_model, [1, 2, 4], [1, 1.25, 1.5, 2, 3])
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(gen)
+    target_ms = done.value.value
+    assert fed[4, 1.25] == [2, 1, 1, 1] and fed[4, 1.5] == [2, 2, 1, 1] and fed[2, 1.5] == [2, 1]
+    assert (1, 1.5) not in fed and (2, 1.25) not in fed  # no whole number of rows: not a shape
+    # 4 requests: 4, 5, 6, 8 and 12 rows, all measured
+    assert target_ms[2] == [40.0, 50.0, 60.0, 80.0, 120.0]
+    # 2 requests: 1.25 is 2.5 rows, interpolated between 2 (1 token) and 3 rows (1.5)
+    assert target_ms[1] == [20.0, 25.0, 30.0, 40.0, 60.0]
+    # 1 request: 1.25 and 1.5 lie on the line from 1 to 2 tokens
+    assert target_ms[0] == [10.0, 12.5, 15.0, 20.0, 30.0]
 
 
 def test_plausibility_allows_noise_and_rejects_shapes_that_cost_much_less():

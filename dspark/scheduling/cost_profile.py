@@ -42,10 +42,13 @@ from dspark.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-TOKENS_PER_REQUEST = (1, 2, 3, 5, 9, 17)  # 1 + draft length; cut at the engine's longest draft
+# 1 + draft length; cut at the engine's longest draft. The fractional points are steps where a quarter or half
+# of the requests verify one draft token: the first rows past a decode step cost more than the slope between
+# whole tokens says (the kernels work on pairs or triples of rows), and that is the shape of a loaded step.
+TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 5, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 9  # bump when the step's Python code path changes what a step costs (kernels: their digest)
+PROFILE_VERSION = 10  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -53,7 +56,7 @@ class CostProfile(BaseModel):
 
     key: str
     requests: list[int]  # profiled numbers of requests, ascending
-    tokens_per_request: list[int]  # profiled tokens per request (1 + draft length), ascending
+    tokens_per_request: list[float]  # profiled tokens per request (1 + draft length), ascending
     target_ms: list[list[float]]  # target_ms[i][j]: forward of requests[i] requests x tokens_per_request[j]
     draft_ms: list[float]  # draft_ms[i]: one propose call for requests[i] requests (0 without a drafter)
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
@@ -166,10 +169,10 @@ def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> 
     ):
         return Plausibility([f"tables do not match the profiled shapes ({counts} x {tokens})"], math.inf)
     for n, row in zip(counts, profile.target_ms, strict=True):
-        found._monotone(row, [f"{n} requests x {t} tokens" for t in tokens], "target forward")
+        found._monotone(row, [f"{n} requests x {t:g} tokens" for t in tokens], "target forward")
     for j, t in enumerate(tokens):
-        found._monotone([row[j] for row in profile.target_ms], [f"{n} requests x {t} tokens" for n in counts],
-                        "target forward")  # fmt: skip
+        shapes = [f"{n} requests x {t:g} tokens" for n in counts]
+        found._monotone([row[j] for row in profile.target_ms], shapes, "target forward")
     found._monotone(profile.prefill_ms, [f"a {t}-token chunk" for t in profile.prefill_tokens], "prefill")
     found._monotone(profile.draft_ms, [f"{n} requests" for n in counts], "draft call")
     if reference is not None and _same_shapes(profile, reference):
@@ -200,7 +203,7 @@ class _ProfileRequest:
     generator: torch.Generator | None = None
 
 
-def tokens_grid(num_speculative_tokens: int) -> list[int]:
+def tokens_grid(num_speculative_tokens: int) -> list[float]:
     """Profiled tokens per request: the grid up to 1 + the longest draft, which is always included."""
     return sorted(
         {*(t for t in TOKENS_PER_REQUEST if t < 1 + num_speculative_tokens), 1 + num_speculative_tokens}
@@ -249,10 +252,12 @@ def _interleaved_medians(runs: dict, rounds: int = ROUNDS) -> Timing:
 
 
 def profile_target(
-    model: Transformer, counts: Sequence[int], grid: Sequence[int]
+    model: Transformer, counts: Sequence[int], grid: Sequence[float]
 ) -> Generator[None, None, list[list[float]]]:
-    """Median forward ms for each (requests, tokens per request), over filler context."""
-    max_new = max(grid)
+    """Median forward ms for each (requests, tokens per request), over filler context. A fractional count is
+    requests x count rows, the first requests taking one token more; where that is not a whole number of rows
+    (1.5 tokens for 1 request) the time is interpolated between the neighbouring counts."""
+    max_new = math.ceil(max(grid))
     cache = model.new_cache(max(counts), PROFILE_CONTEXT + max_new)
     slots = [cache.allocate() for _ in range(max(counts))]
     filler = torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,))
@@ -260,18 +265,30 @@ def profile_target(
     for slot in slots[1:]:  # every request shares the first one's context: one prefill, not n
         cache.copy_slot(slots[0], slot)
 
-    def forward(n: int, per_request: int) -> None:
+    def forward(n: int, per_request: float) -> None:
         used = slots[:n]
-        tokens = torch.randint(0, model.cfg.vocab_size, (n * per_request,))
-        layout = model.layout(used, [PROFILE_CONTEXT] * n, [per_request] * n)
-        model(tokens, layout, cache, torch.arange(n * per_request))  # verification needs every row's logits
+        rows = round(n * per_request)
+        num_new = [rows // n + (i < rows % n) for i in range(n)]
+        tokens = torch.randint(0, model.cfg.vocab_size, (rows,))
+        layout = model.layout(used, [PROFILE_CONTEXT] * n, num_new)
+        model(tokens, layout, cache, torch.arange(rows))  # verification needs every row's logits
         for slot in used:
             cache.rollback(slot, PROFILE_CONTEXT)
 
     forward(1, 1)  # warm-up
-    shapes = [(n, t) for n in counts for t in grid]
+    shapes = [(n, t) for n in counts for t in grid if _whole_rows(n, t)]
     ms = yield from _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
-    return [[ms[n, t] for t in grid] for n in counts]
+    measured = [[t for t in grid if _whole_rows(n, t)] for n in counts]
+    return [_fill_between(at, [ms[n, t] for t in at], grid) for n, at in zip(counts, measured, strict=True)]
+
+
+def _whole_rows(num_requests: int, tokens_per_request: float) -> bool:
+    return abs(num_requests * tokens_per_request - round(num_requests * tokens_per_request)) < 1e-9
+
+
+def _fill_between(measured_at: list[float], measured: list[float], grid: Sequence[float]) -> list[float]:
+    """Values on the grid: the measured ones, and linear interpolation between them elsewhere."""
+    return [round(_interp_extrapolated(t, measured_at, measured), 3) for t in grid]
 
 
 def profile_prefill(model: Transformer) -> Generator[None, None, list[float]]:
