@@ -8,7 +8,9 @@
 //
 // A linear layer comes from the Python side (`Linear.kernel_spec`) as 4 tensors (the fp32 weight, then the
 // packed q, d, m, undefined where the format has none) and a kind: -1 any (at::linear), 0 fp32 few-row kernel,
-// 1 fp16, 2 Q8_0, 3 Q4_1; the row limits below are the ones `Linear.forward` uses.
+// 1 fp16, 2 Q8_0, 3 Q4_1; the row limits below are the ones `Linear.forward` uses, except that fp16 weights (a
+// drafter's own, small enough to stay in cache) go through the block kernel at any row count: at 70-224 rows
+// (10-32 requests) it multiplies the draft layers' weights 1.4-2.4x faster than at::linear on their fp32 copy.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -26,7 +28,7 @@ constexpr int64_t kTensorsPerLayer = 4 + 4 * kTensorsPerLinear;  // 4 norms, the
 
 torch::Tensor linear(const torch::Tensor& x, int64_t kind, const torch::Tensor* t) {
   const int64_t rows = x.size(0);
-  if (kind > 0 && rows <= kBlockMaxRows) {
+  if (kind > 0 && (rows <= kBlockMaxRows || kind == 1)) {
     if (kind == 1) return f16_linear(x, t[1]);
     if (kind == 2) return q8_0_linear(x, t[1], t[2]);
     return q4_1_linear(x, t[1], t[2], t[3]);
