@@ -73,9 +73,10 @@ inline void dot4(const float* w, const float* x, int64_t M, int64_t K, float* y,
 
 // Whether dot4 may take the AVX-512 path: the CPU has it and DSPARK_AVX512 is not "0" (tests flip it to
 // compare both paths).
+inline bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+
 inline bool& avx512_enabled() {
-  static bool enabled = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                        !(std::getenv("DSPARK_AVX512") && std::getenv("DSPARK_AVX512")[0] == '0');
+  static bool enabled = cpu_has_avx512() && !(std::getenv("DSPARK_AVX512") && std::getenv("DSPARK_AVX512")[0] == '0');
   return enabled;
 }
 
