@@ -76,7 +76,8 @@ inline void dot4(const float* w, const float* x, int64_t M, int64_t K, float* y,
 inline bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
 
 inline bool& avx512_enabled() {
-  static bool enabled = cpu_has_avx512() && !(std::getenv("DSPARK_AVX512") && std::getenv("DSPARK_AVX512")[0] == '0');
+  static const char* env = std::getenv("DSPARK_AVX512");
+  static bool enabled = cpu_has_avx512() && !(env && env[0] == '0');
   return enabled;
 }
 
