@@ -41,10 +41,11 @@ def fp16_values(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
+FORMATS = [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]  # each with its quantizer
+
+
 @needs_kernel
-@pytest.mark.parametrize(
-    ("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]
-)
+@pytest.mark.parametrize(("kind", "quantize"), FORMATS)
 @pytest.mark.parametrize(("out_features", "in_features"), [(4, 32), (192, 576), (576, 1536)])
 def test_recovered_blocks_rebuild_the_weight_and_its_products_exactly(
     kind, quantize, out_features, in_features
@@ -120,9 +121,7 @@ def _avx512_available() -> bool:
 
 
 @pytest.mark.skipif(not _avx512_available(), reason="the CPU lacks AVX-512")
-@pytest.mark.parametrize(
-    ("kind", "quantize"), [("q4_1", ggml_q4_1), ("q8_0", ggml_q8_0), ("f16", fp16_values)]
-)
+@pytest.mark.parametrize(("kind", "quantize"), FORMATS)
 def test_the_avx512_paths_give_the_avx2_paths_bits(kind, quantize):
     """Two rows per 512-bit register, each lane doing the AVX2 kernel's FMAs in its order: the same bits, for
     every row count (odd ones pad a pair), in the block kernels and the fp32 kernel alike."""

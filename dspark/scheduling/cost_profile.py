@@ -276,9 +276,9 @@ def profile_target(
             cache.rollback(slot, PROFILE_CONTEXT)
 
     forward(1, 1)  # warm-up
-    shapes = [(n, t) for n in counts for t in grid if _whole_rows(n, t)]
-    ms = yield from _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
     measured = [[t for t in grid if _whole_rows(n, t)] for n in counts]
+    shapes = [(n, t) for n, at in zip(counts, measured, strict=True) for t in at]
+    ms = yield from _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
     return [_fill_between(at, [ms[n, t] for t in at], grid) for n, at in zip(counts, measured, strict=True)]
 
 
