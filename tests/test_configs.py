@@ -9,6 +9,7 @@ import yaml
 
 from dspark.engine import EngineConfig
 from dspark.serving.config import ServeConfig
+from dspark.training.recipe import RecipeConfig
 from dspark.training.train import TrainConfig
 
 
@@ -29,6 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {
     "engine.yaml": EngineConfig,
     "drafter_smollm2.yaml": TrainConfig,
+    "recipe_arms.yaml": RecipeConfig,
     "serve.yaml": ServeConfig,
     "serve_app.yaml": ServeAppConfig,
 }

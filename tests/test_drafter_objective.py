@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -142,6 +143,43 @@ def test_train_pipeline_end_to_end_and_resume(tmp_path):
     assert (out / "train_state.json").exists() and not (out / "train_state.pt").exists()  # no pickle
     train(cfg)  # everything done: resumes at the last step, trains nothing more, re-exports
     assert (out / "train_history.json").read_text() == history
+
+
+def test_sampled_responses_are_reproducible_and_keep_held_out_prompts_out(tmp_path):
+    """Sampled data: several distinct responses per prompt, the same ones when regenerated (a seed per
+    response), and none for the held-out prompts in the training split."""
+    from dspark.training.data import load_sequences
+    from dspark.training.train import SampledResponses, TrainConfig, train, training_data
+
+    cfg = TrainConfig(
+        data_dir=str(tmp_path / "greedy"), num_prompts=4, max_response_tokens=10, holdout_sequences=2,
+        sampled_responses=SampledResponses(per_prompt=3, temperature=1.0, top_p=1.0, top_k=0),
+        output=str(tmp_path / "drafter"), steps=3, sequences_per_step=2, anchors_per_sequence=4,
+        draft_vocab_size=256, num_hidden_layers=1, markov_rank=8, warmup_steps=1,
+    )  # fmt: skip
+    train_set, holdout = training_data(cfg)
+    sampled = load_sequences(cfg.sampled_data_dir())
+    greedy = load_sequences(cfg.resolved_data_dir())
+    assert len(greedy) == 4 and len(sampled) == 12 and len(holdout) == 2
+    prompts = [tuple(s.token_ids[: s.prompt_len].tolist()) for s in sampled]
+    assert prompts[::3] == [tuple(s.token_ids[: s.prompt_len].tolist()) for s in greedy]
+    assert all(prompts[i] == prompts[i + 1] == prompts[i + 2] for i in range(0, 12, 3))
+    responses = {tuple(s.token_ids[s.prompt_len :].tolist()) for s in sampled}
+    assert len(responses) >= 10  # sampled at temperature 1: the three answers to a prompt differ
+    held = {tuple(s.token_ids[: s.prompt_len].tolist()) for s in holdout}
+    assert len(train_set) == 2 + 6  # 2 greedy, and 3 sampled for each of their prompts
+    assert all(tuple(s.token_ids[: s.prompt_len].tolist()) not in held for s in train_set)
+
+    out = train(cfg)  # on greedy and sampled sequences, for `steps` steps (not 4 epochs of 8 / 2 per step)
+    assert [h["step"] for h in json.loads((out / "train_history.json").read_text())] == [1, 2, 3]
+
+    for shard in cfg.sampled_data_dir().iterdir():
+        shard.unlink()
+    training_data(cfg)  # regenerates the removed shards
+    again = load_sequences(cfg.sampled_data_dir())
+    assert all(torch.equal(a.token_ids, b.token_ids) for a, b in zip(again, sampled, strict=True))
+    with pytest.raises(ValueError, match="temperature"):
+        SampledResponses(per_prompt=2, temperature=0.0)
 
 
 def calibration_has_shared(out) -> bool:

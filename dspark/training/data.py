@@ -1,6 +1,7 @@
 """Drafter training data: the target's own responses to the training prompts, with its hidden states.
 
-The engine generates the responses (batched, greedy) while a `FeatureRecorder` observes the hidden states
+The engine generates the responses (batched; greedy, or several sampled ones per prompt with a seed each,
+DeepSpec's way to get more data from the same prompts) while a `FeatureRecorder` observes the hidden states
 of the chosen target layers at every position it commits. Each shard of prompts is written as one
 safetensors file, so an interrupted run resumes at the first missing shard. A post-pass adds the target's
 top-k next-token distribution at every response position, computed from the last layer's hidden state
@@ -61,13 +62,26 @@ def chat_prompt(record: PromptRecord) -> list[dict]:
 
 
 def generate_shard(
-    engine: Engine, recorder: FeatureRecorder, records: list[PromptRecord], params: SamplingParams, top_k: int
+    engine: Engine,
+    recorder: FeatureRecorder,
+    records: list[PromptRecord],
+    params: SamplingParams,
+    top_k: int,
+    samples: int = 1,
+    first_seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Generate one shard; `recorder` must be one of the engine's observers."""
+    """Generate one shard; `recorder` must be one of the engine's observers. Sampled responses (`samples`
+    per prompt) get seeds `first_seed + i * samples + j` for record i, so a regenerated shard is the same."""
     room = engine.config.max_model_len - params.max_tokens
-    prompts = [engine.encode_prompt(messages=chat_prompt(r)) for r in records]
-    prompts = [p for p in prompts if len(p) <= room]  # the rare very long prompt is skipped, not cut
-    ids = [engine.add_request(p, params) for p in prompts]
+    encoded = [engine.encode_prompt(messages=chat_prompt(r)) for r in records]
+    jobs = [
+        (p, params if params.greedy else params.model_copy(update={"seed": first_seed + i * samples + j}))
+        for i, p in enumerate(encoded)
+        if len(p) <= room  # the rare very long prompt is skipped, not cut
+        for j in range(samples)
+    ]
+    prompts = [p for p, _ in jobs]
+    ids = [engine.add_request(p, job_params) for p, job_params in jobs]
     responses: dict[str, list[int]] = {i: [] for i in ids}
     for out in engine.run_until_done():
         responses[out.request_id] += out.token_ids
@@ -136,13 +150,26 @@ def generate_dataset(
     model: str = "default",
     seed: int = 0,
     max_prompt_tokens: int = 1024,
+    sampling: SamplingParams | None = None,
+    samples_per_prompt: int = 1,
 ) -> Path:
-    """Generate (or resume generating) the training shards under `out_dir`."""
+    """Generate (or resume generating) the training shards under `out_dir`: the greedy response to each
+    prompt, or with `sampling` (temperature > 0) `samples_per_prompt` sampled ones. Shard i always holds
+    the same prompts whatever the sampling, so held-out prompts can be told apart across data sets."""
+    params = (sampling or SamplingParams()).model_copy(update={"max_tokens": max_tokens})
+    if samples_per_prompt > 1 and params.greedy:
+        raise ValueError("several responses per prompt need a sampling temperature above 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_prompts(data_dir() / TRAIN_PROMPTS)
     random.Random(seed).shuffle(records)  # any prefix of shards is a mix of every dataset
     records = records[:num_prompts]
+    shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
+    done = sum((out / f"shard-{i:04d}.safetensors").exists() for i in range(len(shards)))
+    log.info("phase 1/3: the target's responses to %d prompts, %d shards (%d already there) in %s",
+             len(records), len(shards), done, out)  # fmt: skip
+    if done == len(shards):
+        return out
     config = EngineConfig(
         model=model,
         proposer="none",
@@ -152,16 +179,12 @@ def generate_dataset(
     )
     recorder = FeatureRecorder(hidden_layers)
     engine = build_engine(config, observers=[recorder])
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-    done = sum((out / f"shard-{i:04d}.safetensors").exists() for i in range(len(shards)))
-    log.info("phase 1/3: the target's responses to %d prompts, %d shards (%d already there) in %s",
-             len(records), len(shards), done, out)  # fmt: skip
     for index, shard in enumerate(tqdm(shards, desc="generating shards", unit="shard")):
         path = out / f"shard-{index:04d}.safetensors"
         if path.exists():
             continue
-        tensors = generate_shard(engine, recorder, shard, params, top_k)
+        first_seed = (seed * num_prompts + index * shard_size) * samples_per_prompt
+        tensors = generate_shard(engine, recorder, shard, params, top_k, samples_per_prompt, first_seed)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"hidden_layers": ",".join(map(str, hidden_layers))})
         tmp.rename(path)

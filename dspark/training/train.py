@@ -37,11 +37,31 @@ from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
 from dspark.prompts import write_json
 from dspark.runtime import cache_root, set_threads
+from dspark.sampling import SamplingParams
 from dspark.training.blocks import make_blocks, sample_anchors, score_blocks
 from dspark.training.data import Sequence, generate_dataset, load_sequences
 from dspark.training.losses import drafter_loss, total_variation
 
 log = logging.getLogger(__name__)
+
+
+class SampledResponses(BaseModel):
+    """Extra responses per training prompt, sampled next to the greedy one (DeepSpec regenerates its answers
+    at temperature 0.7, top-p 0.8, top-k 20): more sequences from the same prompts, and drafts trained on
+    the target's alternatives as well as its argmax path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_prompt: int = Field(0, ge=0, description="sampled responses per prompt (0: greedy data only)")
+    temperature: float = Field(0.7, gt=0, allow_inf_nan=False)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def dir_suffix(self) -> str:
+        return f"-sampled-t{self.temperature:g}-p{self.top_p:g}-k{self.top_k}-x{self.per_prompt}"
 
 
 class TrainConfig(BaseModel):
@@ -69,8 +89,12 @@ class TrainConfig(BaseModel):
     )
     num_prompts: int = Field(768, ge=1, description="training prompts to generate responses for")
     max_response_tokens: int = Field(256, ge=8)
+    sampled_responses: SampledResponses = SampledResponses()
     holdout_sequences: int = Field(64, ge=1, description="generated sequences kept for calibration")
     epochs: float = Field(4.0, gt=0)
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps, overriding `epochs` (recipe arms compare at equal steps)"
+    )
     anchors_per_sequence: int = Field(32, ge=1)
     sequences_per_step: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -81,9 +105,14 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
     def resolved_data_dir(self) -> Path:
+        """The greedy responses' shards (the sampled ones sit beside them, `sampled_data_dir`)."""
         if self.data_dir:
             return Path(self.data_dir)
         return cache_root() / "drafter_data" / ("smollm2-" + "-".join(map(str, self.target_layer_ids)))
+
+    def sampled_data_dir(self) -> Path:
+        greedy = self.resolved_data_dir()
+        return greedy.with_name(greedy.name + self.sampled_responses.dir_suffix())
 
 
 def build_draft_vocab(sequences: list[Sequence], size: int, always: list[int]) -> torch.Tensor:
@@ -176,13 +205,8 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = generate_dataset(
-        cfg.resolved_data_dir(), tuple(cfg.target_layer_ids), cfg.num_prompts, cfg.max_response_tokens,
-        model=cfg.model,
-    )  # fmt: skip
+    train_set, holdout = training_data(cfg)
     log.info("phase 2/3: training the drafter")
-    sequences = load_sequences(data_dir)
-    train_set, holdout = sequences[: -cfg.holdout_sequences], sequences[-cfg.holdout_sequences :]
     log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
     target = load_transformer(cfg.model, pack=False)
     drafter = new_drafter(cfg, target, train_set)
@@ -196,10 +220,43 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
+def ensure_data(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Generate the shards that are missing: the greedy ones, and the sampled ones if configured."""
+    layers = tuple(cfg.target_layer_ids)
+    greedy_dir = generate_dataset(
+        cfg.resolved_data_dir(), layers, cfg.num_prompts, cfg.max_response_tokens, model=cfg.model
+    )
+    extra = cfg.sampled_responses
+    if not extra.per_prompt:
+        return greedy_dir, None
+    sampled_dir = generate_dataset(
+        cfg.sampled_data_dir(), layers, cfg.num_prompts, cfg.max_response_tokens, model=cfg.model,
+        sampling=extra.params(), samples_per_prompt=extra.per_prompt,
+    )  # fmt: skip
+    return greedy_dir, sampled_dir
+
+
+def training_data(cfg: TrainConfig) -> tuple[list[Sequence], list[Sequence]]:
+    """The data, generated where missing, split: the last `holdout_sequences` greedy sequences are held out
+    for calibration, and the sampled responses to their prompts are dropped (no held-out prompt is trained
+    on)."""
+    greedy_dir, sampled_dir = ensure_data(cfg)
+    sequences = load_sequences(greedy_dir)
+    train_set, holdout = sequences[: -cfg.holdout_sequences], sequences[-cfg.holdout_sequences :]
+    if sampled_dir is not None:
+        held = {_prompt_key(seq) for seq in holdout}
+        train_set = train_set + [seq for seq in load_sequences(sampled_dir) if _prompt_key(seq) not in held]
+    return train_set, holdout
+
+
+def _prompt_key(seq: Sequence) -> tuple[int, ...]:
+    return tuple(seq.token_ids[: seq.prompt_len].tolist())
+
+
 def fit(drafter: DSparkDrafter, train_set: list[Sequence], cfg: TrainConfig, out: Path, device) -> None:
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    total_steps = math.ceil(cfg.epochs * len(train_set) / cfg.sequences_per_step)
+    total_steps = cfg.steps or math.ceil(cfg.epochs * len(train_set) / cfg.sequences_per_step)
     state_path, step = out / "train_state.json", 0
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
