@@ -268,3 +268,30 @@ def test_init_from_target_copies_the_last_layers(default_model):
         assert torch.equal(mlp.down_proj.weight, source.mlp.w_down.weight)
         assert torch.equal(layer.input_layernorm.weight, source.attn_norm)
         assert torch.equal(layer.post_attention_layernorm.weight, source.mlp_norm)
+
+
+def test_recipe_arms_change_only_their_own_fields(tmp_path):
+    from dspark.training.recipe import RecipeConfig, arms_table
+
+    recipe = RecipeConfig(
+        base={"num_prompts": 32, "steps": 5}, arms={"ref": {}, "one": {"num_hidden_layers": 1}},
+        arms_dir=str(tmp_path), data_name="shared",
+    )  # fmt: skip
+    ref, one = recipe.arm("ref"), recipe.arm("one")
+    assert (ref.num_hidden_layers, one.num_hidden_layers) == (2, 1)
+    assert ref.data_dir == one.data_dir and ref.data_dir.endswith("shared")  # one data set for every arm
+    assert ref.model_dump(exclude={"output", "num_hidden_layers"}) == one.model_dump(
+        exclude={"output", "num_hidden_layers"}
+    )
+    assert (ref.output, one.output) == (str(tmp_path / "ref"), str(tmp_path / "one"))
+    with pytest.raises(ValueError, match="num_hiden_layers"):
+        RecipeConfig(base={}, arms={"typo": {"num_hiden_layers": 1}})
+    arm = {
+        "changes": {"num_hidden_layers": 1}, "steps": 5, "train_minutes": 1.25, "tau_macro_domains": 1.5,
+        "tau_by_domain": {"chat": 1.2, "code": 1.8}, "heldout_accuracy_greedy": [0.4, 0.3],
+        "worst_ece": {"greedy": 0.021, "sampled": 0.01},
+    }  # fmt: skip
+    table = arms_table({"arms": {"one": arm}}).splitlines()
+    assert table[0].startswith("| arm | changes | steps | train min | chat | code | macro |")
+    row = "| one | num_hidden_layers: 1 | 5 | 1.2 | 1.20 | 1.80 | **1.500** | 0.400 / 0.300 | 2.1% |"
+    assert table[2] == row

@@ -109,6 +109,25 @@ def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict:
     return report
 
 
+def arms_table(report: dict) -> str:
+    """Markdown: one row per arm, tau per domain and macro, its training cost and held-out numbers."""
+    arms = report["arms"]
+    domains = sorted({d for arm in arms.values() for d in arm["tau_by_domain"]})
+    head = ["arm", "changes", "steps", "train min", *domains, "macro", "held-out acc. pos 1 / 7", "worst ECE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, arm in arms.items():
+        changes = ", ".join(f"{k}: {v}" for k, v in arm["changes"].items()) or "-"
+        acc = arm["heldout_accuracy_greedy"]
+        cells = [
+            name, changes, str(arm["steps"]), f"{arm['train_minutes']:.1f}",
+            *(f"{arm['tau_by_domain'].get(d, float('nan')):.2f}" for d in domains),
+            f"**{arm['tau_macro_domains']:.3f}**", f"{acc[0]:.3f} / {acc[-1]:.3f}",
+            f"{100 * arm['worst_ece']['greedy']:.1f}%",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/recipe_arms.yaml")
@@ -116,10 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     recipe = RecipeConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
-    report = run_recipe(recipe, args.arms)
-    for name, arm in report["arms"].items():
-        print(f"{name}: tau {arm['tau_macro_domains']:.3f} macro {arm['tau_by_domain']}, "
-              f"{arm['steps']} steps, {arm['train_minutes']} min")  # fmt: skip
+    print(arms_table(run_recipe(recipe, args.arms)))
 
 
 if __name__ == "__main__":
