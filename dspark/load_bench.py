@@ -97,16 +97,17 @@ def closed_loop(engine: Engine, prompts: list[list[int]], concurrency: int, num_
                     submit()
                 elif full_until is None:
                     full_until = now
-    wall = time.perf_counter() - began
-    return _metrics(list(traces.values()), wall, engine, (full_until or began + wall) - began, began)
+    ended = time.perf_counter()
+    return _metrics(list(traces.values()), began, ended, full_until or ended, engine)
 
 
-def _metrics(traces: list[_Trace], wall: float, engine: Engine, full_window: float, began: float) -> dict:
-    """`full_window`: seconds from the start while every client had a request in flight. Its rate is the
-    steady state a server under this load sees; the whole run's rate also counts the drain, where the last
-    few requests run at a smaller batch, a share that shrinks as runs get longer."""
+def _metrics(traces: list[_Trace], began: float, ended: float, full_until: float, engine: Engine) -> dict:
+    """Until `full_until` every client had a request in flight. That window's rate is the steady state a
+    server under this load sees; the whole run's rate also counts the drain, where the last few requests run
+    at a smaller batch, a share that shrinks as runs get longer."""
+    wall, full_window = ended - began, full_until - began
     tokens = sum(t.num_tokens for t in traces)
-    in_window = sum(n for t in traces for at, n in t.token_times if at - began <= full_window)
+    in_window = sum(n for t in traces for at, n in t.token_times if at <= full_until)
     per_user = [t.num_tokens / (t.finished - t.submitted) for t in traces]
     ttft = [t.token_times[0][0] - t.submitted for t in traces if t.token_times]
     gaps = [b[0] - a[0] for t in traces for a, b in zip(t.token_times, t.token_times[1:], strict=False)]
