@@ -30,6 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {
     "engine.yaml": EngineConfig,
     "drafter_smollm2.yaml": TrainConfig,
+    "drafter_smollm2_v6.yaml": TrainConfig,
     "recipe_arms.yaml": RecipeConfig,
     "serve.yaml": ServeConfig,
     "serve_app.yaml": ServeAppConfig,

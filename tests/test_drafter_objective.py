@@ -181,6 +181,14 @@ def test_sampled_responses_are_reproducible_and_keep_held_out_prompts_out(tmp_pa
     with pytest.raises(ValueError, match="temperature"):
         SampledResponses(per_prompt=2, temperature=0.0)
 
+    some = SampledResponses(per_prompt=1, num_prompts=2, temperature=1.0, top_p=1.0, top_k=0)
+    limited = cfg.model_copy(update={"data_dir": str(tmp_path / "limited"), "sampled_responses": some})
+    train_set, _ = training_data(limited)  # sampled answers for the first 2 of the 4 prompts only
+    assert [s.prompt_len for s in load_sequences(limited.sampled_data_dir())] == [
+        s.prompt_len for s in greedy[:2]
+    ]
+    assert len(train_set) == 2 + 2
+
 
 def calibration_has_shared(out) -> bool:
     from dspark.drafters.dspark.checkpoint import load_calibration

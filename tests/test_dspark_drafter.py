@@ -313,3 +313,30 @@ def test_calibrated_confidences_apply_each_requests_own_scalings(random_drafter,
     torch.testing.assert_close(drafts[0].confidences, torch.stack(expected), atol=1e-5, rtol=1e-5)
     assert drafts[1].confidences.shape == (GAMMA,)
     assert not torch.allclose(drafts[1].confidences, drafts[0].confidences)  # the sampled scalings differ
+
+
+def test_widening_the_markov_rank_keeps_every_draft_and_confidence(
+    random_drafter, default_model, recorded: Sequence, tmp_path
+):
+    """A warm start at a larger Markov rank (`init_from`) drafts exactly as the checkpoint did, and the
+    added rank learns from the first step (W2's new rows get gradients); a config that differs in anything
+    else is refused by field."""
+    from dspark.training.train import TrainConfig, warm_start
+
+    save_drafter(random_drafter, tmp_path / "small")
+    fields = dict(target_layer_ids=LAYERS, num_hidden_layers=1, block_size=GAMMA, draft_vocab_size=512)
+    wide = warm_start(TrainConfig(init_from=str(tmp_path / "small"), markov_rank=16, **fields), default_model)
+    assert wide.cfg.markov_rank == 16 and wide.markov_head.markov_w1.weight.shape[1] == 16
+    batch = make_blocks(recorded, sample_anchors(recorded, 5, torch.Generator().manual_seed(2)), wide)
+    with torch.no_grad():
+        before = score_blocks(random_drafter, recorded, batch)
+    after = score_blocks(wide, recorded, batch)
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.confidence_logits, before.confidence_logits, atol=1e-5, rtol=1e-5)
+    after.logits.logsumexp(-1).sum().backward()
+    assert wide.markov_head.markov_w2.weight.grad[:, 8:].abs().sum() > 0
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        warm_start(TrainConfig(init_from=str(tmp_path / "small"), **{**fields, "num_hidden_layers": 2}),
+                   default_model)  # fmt: skip
+    with pytest.raises(ValueError, match="widened, not cut"):
+        warm_start(TrainConfig(init_from=str(tmp_path / "small"), markov_rank=4, **fields), default_model)

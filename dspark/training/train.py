@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -31,7 +31,12 @@ from dspark.drafters.dspark.calibration import (
     fit_sts,
     prefix_ece,
 )
-from dspark.drafters.dspark.checkpoint import save_drafter
+from dspark.drafters.dspark.checkpoint import (
+    load_drafter,
+    read_config,
+    resolve_drafter_dir,
+    save_drafter,
+)
 from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
 from dspark.models.llama import Transformer
 from dspark.models.loader import load_tokenizer, load_transformer
@@ -53,6 +58,9 @@ class SampledResponses(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     per_prompt: int = Field(0, ge=0, description="sampled responses per prompt (0: greedy data only)")
+    num_prompts: int | None = Field(
+        None, ge=1, description="sample for the first this many training prompts only (None: every one)"
+    )
     temperature: float = Field(0.7, gt=0, allow_inf_nan=False)
     top_p: float = Field(0.8, gt=0, le=1)
     top_k: int = Field(20, ge=0)
@@ -77,6 +85,12 @@ class TrainConfig(BaseModel):
     markov_head: bool = Field(True, description="False: the Markov head stays zero (a DFlash-style ablation)")
     init_from_target: bool = Field(
         False, description="start the draft layers from copies of the target's last layers (same widths)"
+    )
+    init_from: str | None = Field(
+        None,
+        description="start from a trained drafter (a checkpoint folder; 'default': the shipped one): its "
+        "weights and draft vocabulary, a fresh optimizer and learning-rate schedule; a larger markov_rank "
+        "widens its Markov head first",
     )
     position_decay: float | None = Field(
         None, gt=0, description="loss weight exp(-(k-1)/decay) per block position (None: the block size)"
@@ -103,6 +117,12 @@ class TrainConfig(BaseModel):
     checkpoint_minutes: float = Field(5.0, gt=0)
     num_threads: int | None = Field(None, ge=1, description="torch threads (default: all cores)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_initialisation(self) -> TrainConfig:
+        if self.init_from and self.init_from_target:
+            raise ValueError("init_from and init_from_target both initialise the draft layers: choose one")
+        return self
 
     def resolved_data_dir(self) -> Path:
         """The greedy responses' shards (the sampled ones sit beside them, `sampled_data_dir`)."""
@@ -152,6 +172,53 @@ def new_drafter(cfg: TrainConfig, target: Transformer, train_set: list[Sequence]
     return drafter
 
 
+def warm_start(cfg: TrainConfig, target: Transformer) -> DSparkDrafter:
+    """The drafter in `cfg.init_from`, checked against the config (everything but the Markov rank must
+    match), its Markov head widened to `cfg.markov_rank` if that is larger."""
+    drafter = load_drafter(resolve_drafter_dir(cfg.init_from), target)
+    have = drafter.cfg
+    wanted = {
+        "target_layer_ids": cfg.target_layer_ids, "num_hidden_layers": cfg.num_hidden_layers,
+        "block_size": cfg.block_size, "draft_vocab_size": cfg.draft_vocab_size,
+    }  # fmt: skip
+    for field, value in wanted.items():
+        if getattr(have, field) != value:
+            raise ValueError(f"init_from {cfg.init_from}: its {field} is {getattr(have, field)}, "
+                             f"the config asks for {value}")  # fmt: skip
+    if cfg.markov_rank < have.markov_rank:
+        raise ValueError(f"init_from {cfg.init_from}: markov_rank {cfg.markov_rank} is below its "
+                         f"{have.markov_rank} (a Markov head can be widened, not cut)")  # fmt: skip
+    if cfg.markov_rank > have.markov_rank:
+        drafter = widen_markov_rank(drafter, cfg.markov_rank, target, torch.Generator().manual_seed(cfg.seed))
+    if not cfg.markov_head:
+        drafter.markov_head.markov_w2.requires_grad_(False)
+    return drafter
+
+
+@torch.no_grad()
+def widen_markov_rank(
+    drafter: DSparkDrafter, rank: int, target: Transformer, generator: torch.Generator
+) -> DSparkDrafter:
+    """The same drafter with a rank-`rank` Markov head that drafts exactly as before: the new columns of W1
+    are random (so W2's new rows get gradients at once), W2's new rows and the confidence head's weights
+    on the new columns are zero (so they add nothing until trained)."""
+    old = drafter.cfg.markov_rank
+    wide = DSparkDrafter(drafter.cfg.model_copy(update={"markov_rank": rank}))
+    state = drafter.state_dict()
+    w1 = state["markov_head.markov_w1.weight"]
+    fresh = torch.randn(w1.shape[0], rank - old, generator=generator, dtype=w1.dtype) * w1.std()
+    state["markov_head.markov_w1.weight"] = torch.cat([w1, fresh], dim=1)
+    w2 = state["markov_head.markov_w2.weight"]
+    state["markov_head.markov_w2.weight"] = torch.cat([w2, w2.new_zeros(w2.shape[0], rank - old)], dim=1)
+    if drafter.confidence_head is not None and drafter.cfg.confidence_head_with_markov:
+        proj = state["confidence_head.proj.weight"]  # its input is [h_k ; W1[x_{k-1}]]: new columns last
+        state["confidence_head.proj.weight"] = torch.cat([proj, proj.new_zeros(1, rank - old)], dim=1)
+    wide.lm_head_from_target = drafter.lm_head_from_target
+    wide.load_state_dict(state)
+    wide.attach_target(drafter.embed_tokens, target.lm_head.weight)
+    return wide
+
+
 @torch.no_grad()
 def copy_target_layers(drafter: DSparkDrafter, target: Transformer) -> None:
     """Draft layer i <- target layer L-n+i: attention and MLP projections and both pre-norms. The target has
@@ -179,10 +246,11 @@ def copy_target_layers(drafter: DSparkDrafter, target: Transformer) -> None:
 
 
 @torch.no_grad()
-def fill_unseen_markov_rows(drafter: DSparkDrafter, train_set: list[Sequence]) -> None:
+def fill_unseen_markov_rows(drafter: DSparkDrafter, train_set: list[Sequence], first_column: int = 0) -> None:
     """W1 has a row per target id but training only moves the rows of tokens it saw as a previous token;
     the others keep their random init. Give them the mean of the trained rows outside the draft vocabulary
-    (or of all trained rows): an unseen token then reads as 'some rare token', not as noise."""
+    (or of all trained rows): an unseen token then reads as 'some rare token', not as noise. A warm start
+    fills only the columns it added (`first_column` on): the earlier ones hold what the first run learned."""
     vocab = drafter.cfg.vocab_size
     seen = torch.zeros(vocab, dtype=torch.bool)
     for seq in train_set:
@@ -190,7 +258,8 @@ def fill_unseen_markov_rows(drafter: DSparkDrafter, train_set: list[Sequence]) -
     w1 = drafter.markov_head.markov_w1.weight
     rare = seen & (drafter.target_to_draft.cpu() == drafter.cfg.draft_vocab)
     source = rare if int(rare.sum()) >= 16 else seen
-    w1[~seen.to(w1.device)] = w1[source.to(w1.device)].mean(0)
+    unseen, cols = ~seen.to(w1.device), slice(first_column, None)
+    w1[unseen, cols] = w1[source.to(w1.device), cols].mean(0)
     log.info("Markov W1: %d of %d rows trained, the rest set to their mean", int(seen.sum()), vocab)
 
 
@@ -209,10 +278,11 @@ def train(cfg: TrainConfig) -> Path:
     log.info("phase 2/3: training the drafter")
     log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
     target = load_transformer(cfg.model, pack=False)
-    drafter = new_drafter(cfg, target, train_set)
+    drafter = warm_start(cfg, target) if cfg.init_from else new_drafter(cfg, target, train_set)
     drafter.to(device)
     fit(drafter, train_set, cfg, out, device)
-    fill_unseen_markov_rows(drafter, train_set)
+    inherited = read_config(resolve_drafter_dir(cfg.init_from)).markov_rank if cfg.init_from else 0
+    fill_unseen_markov_rows(drafter, train_set, first_column=inherited)
     log.info("phase 3/3: calibrating on %d held-out sequences", len(holdout))
     calibration, report = calibrate(drafter, holdout)
     write_json(out / "calibration_report.json", report)
@@ -229,8 +299,9 @@ def ensure_data(cfg: TrainConfig) -> tuple[Path, Path | None]:
     extra = cfg.sampled_responses
     if not extra.per_prompt:
         return greedy_dir, None
+    prompts = min(cfg.num_prompts, extra.num_prompts or cfg.num_prompts)
     sampled_dir = generate_dataset(
-        cfg.sampled_data_dir(), layers, cfg.num_prompts, cfg.max_response_tokens, model=cfg.model,
+        cfg.sampled_data_dir(), layers, prompts, cfg.max_response_tokens, model=cfg.model,
         sampling=extra.params(), samples_per_prompt=extra.per_prompt,
     )  # fmt: skip
     return greedy_dir, sampled_dir
