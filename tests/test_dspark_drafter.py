@@ -232,7 +232,7 @@ def shipped_proposer(default_model) -> DSparkProposer:
 
 def test_shipped_drafter_is_small_and_calibrated():
     size = sum(f.stat().st_size for f in SHIPPED_DRAFTER.iterdir())
-    assert size <= 30 * 2**20
+    assert size <= 48 * 2**20  # fp16; v6's rank-256 Markov table (49,152 x 256) is 24 MiB of it
     assert (SHIPPED_DRAFTER / "calibration.json").exists()
 
 
@@ -264,7 +264,9 @@ def test_sampled_output_follows_the_targets_distribution(
         proposer="dspark", max_batch_size=8, verification=VerificationConfig(policy="fixed")
     )
     spec = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=shipped_proposer)
-    n = 600
+    # 2,400 draws: with 600, drafter v6's first 600 seeds gave p = 2e-4 (a fixed draw: with each new drafter a
+    # correct sampler fails at alpha 1e-3 one time in a thousand), while 8,400 other draws gave p 0.26, 0.32.
+    n = 2400
     # max_tokens 3: after t1 two tokens remain, so the engine drafts (a lone last token needs no draft)
     params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]
     completions = []
