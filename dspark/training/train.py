@@ -167,8 +167,6 @@ def new_drafter(cfg: TrainConfig, target: Transformer, train_set: list[Sequence]
     drafter.init_norm_for_training()
     if cfg.init_from_target:
         copy_target_layers(drafter, target)
-    if not cfg.markov_head:
-        drafter.markov_head.markov_w2.requires_grad_(False)  # stays zero: no transition bias
     return drafter
 
 
@@ -190,8 +188,6 @@ def warm_start(cfg: TrainConfig, target: Transformer) -> DSparkDrafter:
                          f"{have.markov_rank} (a Markov head can be widened, not cut)")  # fmt: skip
     if cfg.markov_rank > have.markov_rank:
         drafter = widen_markov_rank(drafter, cfg.markov_rank, target, torch.Generator().manual_seed(cfg.seed))
-    if not cfg.markov_head:
-        drafter.markov_head.markov_w2.requires_grad_(False)
     return drafter
 
 
@@ -279,6 +275,8 @@ def train(cfg: TrainConfig) -> Path:
     log.info("%d training / %d held-out sequences", len(train_set), len(holdout))
     target = load_transformer(cfg.model, pack=False)
     drafter = warm_start(cfg, target) if cfg.init_from else new_drafter(cfg, target, train_set)
+    if not cfg.markov_head:
+        drafter.markov_head.markov_w2.requires_grad_(False)  # frozen (zero from scratch): no learned bias
     drafter.to(device)
     fit(drafter, train_set, cfg, out, device)
     inherited = read_config(resolve_drafter_dir(cfg.init_from)).markov_rank if cfg.init_from else 0
