@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the shipped DSpark drafter in its two stages (v5, then v6 from it) and v5's no-Markov-head ablation
-# (same budget), then evaluate them on the dev prompts and benchmark the shipped one end to end. Every stage resumes; logs and
-# results land in logs/ and results/. The first training generates the training data; the second reuses it.
+# (same budget), then evaluate them on the dev prompts and benchmark the shipped one end to end. Every stage
+# resumes; logs and results land in logs/ and results/. The first training generates the greedy data; the
+# others reuse it (stage 2 adds its sampled answers).
 # Usage: bash scripts/drafter_experiments.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
