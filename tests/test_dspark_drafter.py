@@ -14,7 +14,7 @@ from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
 from dspark.assembly import build_engine
 from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER, load_drafter, save_drafter
-from dspark.drafters.dspark.model import DrafterConfig, DSparkDrafter
+from dspark.drafters.dspark.model import GREEDY_CANDIDATES, DrafterConfig, DSparkDrafter
 from dspark.drafters.dspark.proposer import DSparkProposer
 from dspark.engine import EngineConfig
 from dspark.sampling import SamplingParams
@@ -133,12 +133,16 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
         proposer.observe(Req, chunk)
     draft = proposer.propose([Req], [GAMMA])[0]
     scores = _scores(random_drafter, recorded, torch.tensor([anchor]))
-    # Greedy drafting feeds its own argmax to the Markov head: replay it through the training path.
+    # Greedy drafting feeds its own argmax to the Markov head: replay it through the training path, choosing
+    # among each position's GREEDY_CANDIDATES best base logits (half of this drafter's 512 draft tokens).
     expected, prev = [], recorded.token_ids[anchor]
+    base = scores.base_logits[0]
+    floor = base.sort(dim=-1, descending=True).values[:, GREEDY_CANDIDATES - 1 : GREEDY_CANDIDATES]
     with torch.no_grad():
         for k in range(GAMMA):
             e = random_drafter.markov_embedding(prev[None])
-            logits = scores.base_logits[0, k] + random_drafter.transition_bias(e)[0]
+            logits = base[k] + random_drafter.transition_bias(e)[0]
+            logits = logits.masked_fill(base[k] < floor[k], float("-inf"))
             prev = random_drafter.draft_to_target[logits.argmax()]
             expected.append(int(prev))
     assert draft.tokens == expected

@@ -105,3 +105,31 @@ def test_ragged_attention_appends_and_attends_every_request() -> None:
     torch.testing.assert_close(v_cache, expected_v)
     with pytest.raises(RuntimeError, match="layout covers"):
         ops.ragged_attention(q[:-1], k_new[:-1], v_new[:-1], k_cache, v_cache, torch.tensor(layout))
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [300, 1000])
+def test_markov_greedy_chooses_among_the_top_candidates_as_the_reference(vocab: int) -> None:
+    """The native greedy Markov draw against a plain loop over the rule's own words: each position's token is
+    the first argmax of base + W2 W1[previous] over the tokens whose base logit is among the `candidates`
+    largest, ties at the last one kept. Base logits on a coarse grid make ties at that boundary common (and
+    hold both zeros); rank 20 is not a multiple of the kernel's 8 lanes."""
+    gen = torch.Generator().manual_seed(3)
+    requests, steps, rank, candidates, target_vocab = 3, 7, 20, 64, 5000
+    base = torch.randint(-40, 41, (requests, steps + 1, vocab), generator=gen).float() / 8
+    base[0, 0, :5] = -0.0
+    w1 = torch.randn(target_vocab, rank, generator=gen)
+    w2 = torch.randn(vocab, rank, generator=gen)
+    d2t = torch.randperm(target_vocab, generator=gen)[:vocab]
+    anchors = torch.randint(0, target_vocab, (requests,), generator=gen)
+    tokens, embeddings = ops.markov_greedy(base, anchors, w1, w2, d2t, steps, candidates)
+    for r in range(requests):
+        prev = int(anchors[r])
+        for k in range(steps):
+            floor = base[r, k].sort(descending=True).values[candidates - 1]
+            logits = base[r, k] + w2 @ w1[prev]
+            torch.testing.assert_close(embeddings[r, k], w1[prev])
+            prev = int(d2t[logits.masked_fill(base[r, k] < floor, float("-inf")).argmax()])
+            assert int(tokens[r, k]) == prev, (r, k)
+    unrestricted, _ = ops.markov_greedy(base, anchors, w1, w2, d2t, steps, vocab)
+    assert not torch.equal(unrestricted, tokens)  # the restriction bites on these logits

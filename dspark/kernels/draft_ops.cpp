@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <cstring>
+#include <functional>
 #include <vector>
 
 #include "attention.h"
@@ -164,47 +166,108 @@ void draft_context_append(const torch::Tensor& features, const torch::Tensor& co
   }
 }
 
-// The Markov head's greedy draw, left to right: position k's token is the argmax over the draft vocabulary of
-// base[:, k] + W2 . W1[previous token] (the first previous token is the anchor). base [R, S, V]; anchors [R]
-// target ids; w1 [vocab, rank]; w2 as a linear (kind, 4 tensors); draft_to_target [V]. Returns the drawn target
-// ids [R, steps] and the previous-token embeddings W1[x_{k-1}] [R, steps, rank] (the confidence head's input).
+namespace {
+
+// The order-preserving integer key of a float (larger float, larger key): radix selection works on these.
+inline uint32_t order_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The k-th largest of v[0, n) counted with multiplicity (1 <= k <= n), by one radix pass over the keys' top
+// 12 bits and a selection inside the one bin that holds it: ~2 passes over a row instead of a sort.
+float kth_largest(const float* v, int64_t n, int64_t k, std::vector<uint32_t>& bin_keys) {
+  constexpr int kShift = 20;
+  std::vector<int64_t> count(size_t{1} << (32 - kShift), 0);
+  for (int64_t j = 0; j < n; ++j) ++count[order_key(v[j]) >> kShift];
+  int64_t bin = static_cast<int64_t>(count.size()) - 1, above = 0;
+  for (; above + count[bin] < k; --bin) above += count[bin];
+  bin_keys.clear();
+  for (int64_t j = 0; j < n; ++j)
+    if (static_cast<int64_t>(order_key(v[j]) >> kShift) == bin) bin_keys.push_back(order_key(v[j]));
+  auto kth = bin_keys.begin() + (k - above - 1);
+  std::nth_element(bin_keys.begin(), kth, bin_keys.end(), std::greater<uint32_t>());
+  const uint32_t key = *kth, u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float out;
+  std::memcpy(&out, &u, sizeof out);
+  return out;
+}
+
+// a . b with four independent accumulators: a candidate's bias is a short dot (rank 256), bound by the FMA
+// latency chain of a single accumulator.
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int c = 0; c < 4; ++c)
+      acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * c), _mm256_loadu_ps(b + i + 8 * c), acc[c]);
+  for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+  float total = dspark::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+}  // namespace
+
+// The Markov head's greedy draw, left to right: position k's token is the argmax of base[:, k] + W2 . W1[previous
+// token] (the first previous token is the anchor) over the draft tokens whose base logit is among the position's
+// `candidates` largest (ties at the last one kept; the first maximum wins, as torch.argmax). The transition bias
+// is computed for those rows of W2 only: the full-vocabulary matvec read all of W2 (4 MB at rank 256) per position
+// for a bias that almost never lifts a token from outside the backbone's top few hundred (model card).
+// base [R, S, V]; anchors [R] target ids; w1 [vocab, rank]; w2 [V, rank] fp32; draft_to_target [V]. Returns the
+// drawn target ids [R, steps] and the previous-token embeddings W1[x_{k-1}] [R, steps, rank] (the confidence
+// head's input).
 std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const torch::Tensor& anchors,
-                                         const torch::Tensor& w1, int64_t w2_kind,
-                                         const std::vector<torch::Tensor>& w2, const torch::Tensor& draft_to_target,
-                                         int64_t steps) {
+                                         const torch::Tensor& w1, const torch::Tensor& w2,
+                                         const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates) {
   const torch::Tensor base = base_in.contiguous();
   const int64_t R = base.size(0), S = base.size(1), V = base.size(2), rank = w1.size(1);
   TORCH_CHECK(base.scalar_type() == torch::kFloat32 && steps <= S && anchors.size(0) == R &&
-                  draft_to_target.size(0) == V && w1.is_contiguous() && w1.scalar_type() == torch::kFloat32,
+                  draft_to_target.size(0) == V && w1.is_contiguous() && w1.scalar_type() == torch::kFloat32 &&
+                  w2.is_contiguous() && w2.scalar_type() == torch::kFloat32 && w2.size(0) == V &&
+                  w2.size(1) == rank && candidates >= 1,
               "inconsistent markov_greedy arguments");
-  torch::Tensor tokens = torch::empty({R, steps}, anchors.options().dtype(torch::kInt64));
-  torch::Tensor embeddings = torch::empty({R, steps, rank}, base.options());
-  torch::Tensor prev_embedding = torch::empty({R, rank}, base.options());
-  const int64_t* d2t = draft_to_target.data_ptr<int64_t>();
-  int64_t* out = tokens.data_ptr<int64_t>();
   TORCH_CHECK(anchors.scalar_type() == torch::kInt64 && anchors.is_contiguous(), "anchors must be int64");
-  std::vector<int64_t> prev(anchors.data_ptr<int64_t>(), anchors.data_ptr<int64_t>() + R);
-  for (int64_t id : prev) TORCH_CHECK(id >= 0 && id < w1.size(0), "anchor id ", id, " outside the vocabulary");
-  for (int64_t k = 0; k < steps; ++k) {
-    float* e = prev_embedding.data_ptr<float>();
-    for (int64_t r = 0; r < R; ++r) {
-      const float* row = w1.data_ptr<float>() + prev[r] * rank;
-      std::copy(row, row + rank, e + r * rank);
-      std::copy(row, row + rank, embeddings.data_ptr<float>() + (r * steps + k) * rank);
-    }
-    const torch::Tensor bias = linear(prev_embedding, w2_kind, w2.data());
-    const float* B = bias.data_ptr<float>();
-    for (int64_t r = 0; r < R; ++r) {
-      const float* b = base.data_ptr<float>() + (r * S + k) * V;
-      const float* br = B + r * V;
-      int64_t best = 0;
-      float best_value = b[0] + br[0];
-      for (int64_t j = 1; j < V; ++j) {
-        const float value = b[j] + br[j];
-        if (value > best_value) best_value = value, best = j;  // the first maximum, as torch.argmax
+  torch::Tensor tokens = torch::empty({R, steps}, anchors.options());
+  torch::Tensor embeddings = torch::empty({R, steps, rank}, base.options());
+  const float* B = base.data_ptr<float>();
+  const float* W1 = w1.data_ptr<float>();
+  const float* W2 = w2.data_ptr<float>();
+  const int64_t* d2t = draft_to_target.data_ptr<int64_t>();
+  const int64_t* anchor = anchors.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(anchor[r] >= 0 && anchor[r] < w1.size(0), "anchor id ", anchor[r], " outside the vocabulary");
+  int64_t* out = tokens.data_ptr<int64_t>();
+  float* E = embeddings.data_ptr<float>();
+  // The candidates depend on the base logits only: every position's floor first, in parallel; then each
+  // request's chain on its own thread.
+  std::vector<float> floors(R * steps, -INFINITY);
+  if (candidates < V)
+    at::parallel_for(0, R * steps, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> scratch;
+      for (int64_t i = begin; i < end; ++i)
+        floors[i] = kth_largest(B + ((i / steps) * S + i % steps) * V, V, candidates, scratch);
+    });
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t prev = anchor[r];
+      for (int64_t k = 0; k < steps; ++k) {
+        const float* b = B + (r * S + k) * V;
+        const float* e = W1 + prev * rank;
+        std::copy(e, e + rank, E + (r * steps + k) * rank);
+        const float floor = floors[r * steps + k];
+        int64_t best = -1;
+        float best_value = -INFINITY;
+        for (int64_t j = 0; j < V; ++j) {
+          if (!(b[j] >= floor)) continue;
+          const float value = b[j] + row_dot(W2 + j * rank, e, rank);
+          if (best < 0 || value > best_value) best_value = value, best = j;
+        }
+        TORCH_CHECK(best >= 0, "no finite base logit to draw from");
+        out[r * steps + k] = prev = d2t[best];
       }
-      out[r * steps + k] = prev[r] = d2t[best];
     }
-  }
+  });
   return {tokens, embeddings};
 }

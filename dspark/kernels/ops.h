@@ -25,6 +25,5 @@ void draft_context_append(const torch::Tensor& features, const torch::Tensor& co
                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, int64_t start,
                           double eps);
 std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base, const torch::Tensor& anchors,
-                                         const torch::Tensor& w1, int64_t w2_kind,
-                                         const std::vector<torch::Tensor>& w2, const torch::Tensor& draft_to_target,
-                                         int64_t steps);
+                                         const torch::Tensor& w1, const torch::Tensor& w2,
+                                         const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates);

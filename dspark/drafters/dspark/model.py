@@ -36,6 +36,8 @@ from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 ARCHITECTURE = "Qwen3DSparkModel"
 VLLM_DEFAULT_ROPE_THETA = 1e6  # what vLLM assumes when a drafter's config.json names no rope theta
+# Greedy draft tokens are chosen among each position's this many best base logits (`greedy_candidates`).
+GREEDY_CANDIDATES = 256
 
 
 class DrafterConfigError(ValueError):
@@ -426,6 +428,17 @@ class MarkovHead(nn.Module):
         nn.init.zeros_(self.markov_w2.weight)  # training starts from the parallel drafter
 
 
+def greedy_candidates(base: torch.Tensor) -> torch.Tensor | None:
+    """Which draft tokens a greedy draw may choose at each position of base logits [..., V]: those whose base
+    logit is among the GREEDY_CANDIDATES largest (ties at the last kept), or None when that is all of them.
+    The Markov bias then needs only those rows of W2 (the native draw computes no other): on the shipped
+    drafter's held-out blocks the unrestricted greedy token is in this set 99% of the time (model card), and a
+    draft is only a proposal, so the output stays the target's."""
+    if base.shape[-1] <= GREEDY_CANDIDATES:
+        return None
+    return base >= base.topk(GREEDY_CANDIDATES, dim=-1).values[..., -1:]
+
+
 class ConfidenceHead(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
@@ -462,7 +475,7 @@ class FusedDraft:
             self.context_weights += [*tensors, attn.k_norm.weight]
         self.final_norm = drafter.norm.weight
         self.w1 = drafter.markov_head.markov_w1.weight.detach().contiguous()
-        self.w2_kind, self.w2 = drafter.markov_head.markov_w2.kernel_spec()
+        self.w2 = drafter.markov_head.markov_w2.weight.detach().contiguous()
         self.draft_to_target = drafter.draft_to_target.contiguous()
 
     def layers(self, x, cos, sin, contexts: list[list[ContextBuffer]], rows: int) -> torch.Tensor:
@@ -488,9 +501,10 @@ class FusedDraft:
             buffer.length = end
 
     def markov_greedy(self, base: torch.Tensor, anchors: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Greedy draws (target ids [requests, steps]) and their previous tokens' W1 rows."""
+        """Greedy draws (target ids [requests, steps]) and their previous tokens' W1 rows, by the rule of
+        `greedy_candidates`."""
         w1, w2, d2t = self.w1, self.w2, self.draft_to_target
-        return self.native.markov_greedy(base, anchors, w1, self.w2_kind, w2, d2t, steps)
+        return self.native.markov_greedy(base, anchors, w1, w2, d2t, steps, GREEDY_CANDIDATES)
 
 
 class DSparkDrafter(nn.Module):

@@ -17,7 +17,7 @@ import torch
 
 from dspark.drafters.dspark.calibration import Calibration
 from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
-from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter
+from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter, greedy_candidates
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import params_tensors, processed_probs
@@ -142,17 +142,18 @@ class DSparkProposer(Proposer):
             return [Draft(tokens=token_ids[i][: max_lens[i]], confidences=confidences[i, : max_lens[i]])
                     for i in range(len(requests))]  # fmt: skip
         sampling = None if all(greedy) else params_tensors(params, [1] * len(requests))
+        allowed = greedy_candidates(base[:, :steps])  # greedy draws pick among these; sampled ones anywhere
         tokens, probs, embeddings, top_probs = [], [], [], []
         prev = anchors
         for k in range(steps):
             prev_embedding = d.markov_embedding(prev)
             logits = base[:, k] + d.transition_bias(prev_embedding)
+            greedy_logits = logits if allowed is None else logits.masked_fill(~allowed[:, k], float("-inf"))
             if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
-                dist, prev = None, self.draft_to_target[logits.argmax(-1)]
+                dist, prev = None, self.draft_to_target[greedy_logits.argmax(-1)]
             else:
-                full = self._target_space(logits)
-                dist = processed_probs(full, *sampling)
-                prev = self._draw(full, dist, requests, greedy)
+                dist = processed_probs(self._target_space(logits), *sampling)
+                prev = self._draw(self._target_space(greedy_logits), dist, requests, greedy)
             if d.confidence_head is None:  # no confidence head: the draft's own probability stands in
                 top_probs.append(torch.softmax(logits.float(), -1).max(-1).values)
             tokens.append(prev)
@@ -190,8 +191,9 @@ class DSparkProposer(Proposer):
         full[:, self.draft_to_target] = logits
         return full
 
-    def _draw(self, logits: torch.Tensor, dist: torch.Tensor, requests, greedy: list[bool]) -> torch.Tensor:
-        drawn = logits.argmax(-1)
+    def _draw(self, greedy_logits: torch.Tensor, dist: torch.Tensor, requests, greedy: list[bool]):
+        """Greedy requests' argmax (of logits restricted to their candidates), sampled requests' draws."""
+        drawn = greedy_logits.argmax(-1)
         for i, r in enumerate(requests):
             if not greedy[i]:
                 drawn[i] = torch.multinomial(dist[i], 1, generator=r.generator)[0]
