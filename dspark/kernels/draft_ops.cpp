@@ -54,8 +54,12 @@ torch::Tensor norm_rope_heads(const torch::Tensor& x, int64_t offset, int64_t he
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < heads; ++h) {
       float* v = Y + (t * heads + h) * hd;
+      const float* c = C + t * hd;
+      const float* sn = S + t * hd;
       std::copy(v, v + hd, row.begin());
-      for (int64_t i = 0; i < hd; ++i) v[i] = row[i] * C[t * hd + i] + row[(i + half) % hd] * S[t * hd + i];
+      // the two halves apart (no index wrap-around), so the compiler vectorises them
+      for (int64_t i = 0; i < half; ++i) v[i] = row[i] * c[i] + row[i + half] * sn[i];
+      for (int64_t i = half; i < hd; ++i) v[i] = row[i] * c[i] + row[i - half] * sn[i];
     }
   return y.view({T, heads, hd});
 }
@@ -84,11 +88,18 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   torch::Tensor out = torch::empty({T, I}, gate_up.options());
   const float* G = gate_up.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < I; ++j) {
-      const float g = G[t * 2 * I + j];
-      O[t * I + j] = g / (1.0f + std::exp(-g)) * G[t * 2 * I + I + j];
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = G + t * 2 * I;
+    float* o = O + t * I;
+    int64_t j = 0;
+    for (; j + 8 <= I; j += 8) {  // exp8: the scalar std::exp was a tenth of a draft layer's time
+      const __m256 gv = _mm256_loadu_ps(g + j);
+      const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, dspark::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(sig, _mm256_loadu_ps(g + I + j)));
     }
+    for (; j < I; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[I + j];
+  }
   return out;
 }
 
