@@ -17,7 +17,7 @@ from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER, load_drafter, sav
 from dspark.drafters.dspark.model import GREEDY_CANDIDATES, DrafterConfig, DSparkDrafter
 from dspark.drafters.dspark.proposer import DSparkProposer
 from dspark.engine import EngineConfig
-from dspark.sampling import SamplingParams
+from dspark.sampling import SamplingParams, params_tensors, processed_probs
 from dspark.scheduling import VerificationConfig
 from dspark.training.blocks import block_mask, make_blocks, sample_anchors, score_blocks
 from dspark.training.data import FeatureRecorder, Sequence
@@ -147,6 +147,36 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
             expected.append(int(prev))
     assert draft.tokens == expected
     assert draft.probs is None and draft.confidences.shape == (GAMMA,)
+
+
+def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(random_drafter, recorded: Sequence):
+    """A sampled draft's probs are what temperature, top-k and top-p make of its logits over the target's
+    whole vocabulary (processed_probs on the draft vocabulary's logits scattered among -inf), though the
+    proposer filters the draft vocabulary alone; every drafted token lies in its position's support."""
+    proposer = DSparkProposer(copy.deepcopy(random_drafter))
+    anchor = recorded.prompt_len + 7
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=5)
+
+    class Req:
+        request_id, generator = "r", torch.Generator().manual_seed(5)
+        token_ids = recorded.token_ids[: anchor + 1].tolist()
+
+    Req.params = params
+    for chunk in recorded.features[:anchor].split(5):
+        proposer.observe(Req, chunk)
+    draft = proposer.propose([Req], [GAMMA])[0]
+    base = _scores(random_drafter, recorded, torch.tensor([anchor])).base_logits[0]
+    prev = recorded.token_ids[anchor]
+    assert draft.probs.shape == (GAMMA, random_drafter.cfg.vocab_size)
+    for k, token in enumerate(draft.tokens):
+        with torch.no_grad():
+            logits = base[k] + random_drafter.transition_bias(random_drafter.markov_embedding(prev[None]))[0]
+        full = torch.full((1, random_drafter.cfg.vocab_size), float("-inf"))
+        full[0, random_drafter.draft_to_target] = logits
+        expected = processed_probs(full, *params_tensors([params], [1]))[0]
+        torch.testing.assert_close(draft.probs[k], expected, rtol=1e-4, atol=1e-6)
+        assert expected[token] > 0 and int((expected > 0).sum()) <= 20
+        prev = torch.tensor(token)
 
 
 @pytest.mark.parametrize(

@@ -150,10 +150,13 @@ class DSparkProposer(Proposer):
             logits = base[:, k] + d.transition_bias(prev_embedding)
             greedy_logits = logits if allowed is None else logits.masked_fill(~allowed[:, k], float("-inf"))
             if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
-                dist, prev = None, self.draft_to_target[greedy_logits.argmax(-1)]
+                dist, drawn = None, greedy_logits.argmax(-1)
             else:
-                dist = processed_probs(self._target_space(logits), *sampling)
-                prev = self._draw(self._target_space(greedy_logits), dist, requests, greedy)
+                # Over the draft vocabulary: the target's other tokens have probability 0, so temperature,
+                # top-k and top-p give what they give over the whole vocabulary, from 6x fewer logits.
+                dist = processed_probs(logits, *sampling)
+                drawn = self._draw(greedy_logits, dist, requests, greedy)
+            prev = self.draft_to_target[drawn]
             if d.confidence_head is None:  # no confidence head: the draft's own probability stands in
                 top_probs.append(torch.softmax(logits.float(), -1).max(-1).values)
             tokens.append(prev)
@@ -164,10 +167,11 @@ class DSparkProposer(Proposer):
             confidences = torch.stack(top_probs, 1)
         else:
             confidences = self._confidences(hidden[:, :steps], torch.stack(embeddings, 1), greedy)
+        dists = None if all(greedy) else torch.stack(probs, 1)  # [requests, steps, draft vocab]
         return [
             Draft(
                 tokens=token_ids[i][: max_lens[i]],
-                probs=None if greedy[i] else torch.stack([p[i] for p in probs[: max_lens[i]]]),
+                probs=None if greedy[i] else self._target_space(dists[i, : max_lens[i]]),
                 confidences=confidences[i, : max_lens[i]],
             )
             for i in range(len(requests))
@@ -183,16 +187,18 @@ class DSparkProposer(Proposer):
         offset = torch.stack([self._scalings[g][1][:steps] for g in greedy])
         return torch.sigmoid(logits / temperature + offset)
 
-    def _target_space(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits scattered into the target's vocabulary (-inf elsewhere)."""
+    def _target_space(self, probs: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary probabilities [n, draft vocab] in the target's vocabulary (0 elsewhere): what the
+        rejection sampler compares with the target's distribution."""
         if not self.drafter.cfg.reduced_vocab:
-            return logits
-        full = logits.new_full((len(logits), self.drafter.cfg.vocab_size), float("-inf"))
-        full[:, self.draft_to_target] = logits
+            return probs
+        full = probs.new_zeros((len(probs), self.drafter.cfg.vocab_size))
+        full[:, self.draft_to_target] = probs
         return full
 
     def _draw(self, greedy_logits: torch.Tensor, dist: torch.Tensor, requests, greedy: list[bool]):
-        """Greedy requests' argmax (of logits restricted to their candidates), sampled requests' draws."""
+        """Draft-vocabulary ids: greedy requests' argmax (of logits restricted to their candidates), sampled
+        requests' draws from `dist`."""
         drawn = greedy_logits.argmax(-1)
         for i, r in enumerate(requests):
             if not greedy[i]:
