@@ -9,6 +9,9 @@ from torch import Tensor
 
 MAX_STOP_STRINGS = 16  # per request; each is matched against the output at every step
 MAX_STOP_LENGTH = 256  # characters per stop string
+# Top-k and top-p decide among each row's 256 largest logits when the kept tokens lie among them: sorting the
+# target's 49,152 logits took 3.5 ms a row (20 ms for an 8-row verification), the 256 largest 0.07 ms.
+FILTER_CANDIDATES = 256
 
 
 class SamplingParams(BaseModel):
@@ -63,6 +66,35 @@ def _filter_sorted(sorted_logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tenso
     return sorted_logits.masked_fill(mass_below <= (1 - top_p)[:, None], -float("inf"))
 
 
+def _kept_among_largest(
+    scaled: Tensor, top_k: Tensor, top_p: Tensor, needs_filter: Tensor, size: int = FILTER_CANDIDATES
+) -> Tensor | None:
+    """Which tokens top-k then top-p keep ([N, V] bool, `_filter_sorted`'s rule), decided from each row's
+    `size` largest logits; None when a filtered row may keep a token past them (only a full sort decides)."""
+    vocab = scaled.shape[-1]
+    if size >= vocab:
+        return None
+    values, order = scaled.topk(size + 1, dim=-1)  # descending
+    head, beyond = values[:, :size], values[:, size]
+    by_k = top_k > 0
+    kth = head.gather(-1, (top_k.clamp(1, size) - 1)[:, None]).squeeze(-1)
+    # top-k keeps ties with the k-th value: decided here when the k-th is in the head and no tie runs past it
+    k_inside = ~by_k | ((top_k <= size) & (beyond < kth))
+    head = head.masked_fill(by_k[:, None] & (head < kth[:, None]), float("-inf"))
+    # top-p over what top-k kept: a top-k row's survivors are all in the head; any other row's tail (the
+    # tokens past the head) holds mass below every head token, and is dropped whole when that mass is small.
+    log_total = torch.where(by_k, torch.logsumexp(head, -1), torch.logsumexp(scaled, -1))
+    probs = (head - log_total[:, None]).exp()
+    tail = torch.where(by_k, 0.0, (1 - probs.sum(-1)).clamp(min=0))
+    mass_below = probs.flip(-1).cumsum(-1).flip(-1) + tail[:, None]
+    keep_head = (mass_below > (1 - top_p)[:, None]) & (head > float("-inf"))
+    p_inside = tail <= 1 - top_p
+    if not bool((k_inside & p_inside | ~needs_filter).all()):
+        return None
+    kept = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, order[:, :size], keep_head)
+    return kept | ~needs_filter[:, None]
+
+
 def processed_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """[N, V] logits -> [N, V] float32 probs after temperature, top-k, top-p; greedy rows are one-hot."""
     logits = logits.float()
@@ -70,9 +102,38 @@ def processed_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: T
     scaled = logits / torch.where(greedy, 1.0, temperature.float())[:, None]
     needs_filter = ((top_k > 0) | (top_p < 1)) & ~greedy
     if bool(needs_filter.any()):  # skip the vocab sort in the common plain-temperature case
-        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-        filtered = _filter_sorted(sorted_logits, top_k, top_p.float())
-        scaled = torch.empty_like(scaled).scatter_(-1, order, filtered)
+        kept = _kept_among_largest(scaled, top_k, top_p.float(), needs_filter)
+        if kept is not None:
+            scaled = scaled.masked_fill(~kept, -float("inf"))
+        else:  # a row keeps tokens past its few hundred largest logits: sort the whole vocabulary
+            sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+            filtered = _filter_sorted(sorted_logits, top_k, top_p.float())
+            scaled = torch.empty_like(scaled).scatter_(-1, order, filtered)
     probs = scaled.softmax(-1)
+    if not bool(greedy.any()):
+        return probs
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], one_hot, probs)
+
+
+def sample_rows(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """One index per row of non-negative weights [N, V] (unnormalised), by inverse CDF at uniforms [N] in
+    [0, 1): index i with probability weights[i] / the row's sum, never a zero-weight index. torch.multinomial
+    spent 0.8 ms per 49,152-token row (an exponential per token); a float64 cumulative sum and a binary
+    search take ~0.05 ms."""
+    cdf = weights.double().cumsum(-1)
+    total = cdf[:, -1:]
+    if bool((total <= 0).any()):
+        raise ValueError("a row to sample from has no positive weight")
+    point = (uniforms.double()[:, None] * total).clamp(max=torch.nextafter(total, torch.zeros_like(total)))
+    # the first index whose cumulative weight exceeds the point: its own weight is positive
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
+
+
+def row_uniforms(n: int, generators: Sequence[torch.Generator | None], device: torch.device | str = "cpu"):
+    """One U(0, 1) per row: seeded rows from their request's generator, the rest from the global RNG."""
+    u = torch.rand(n, device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, generator=g, device=device)[0]
+    return u

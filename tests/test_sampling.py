@@ -1,13 +1,23 @@
 import pytest
 import torch
 from pydantic import ValidationError
+from scipy.stats import chisquare
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from dspark.sampling import SamplingParams, make_generator, params_tensors, processed_probs
+from dspark.sampling import (
+    FILTER_CANDIDATES,
+    SamplingParams,
+    _kept_among_largest,
+    make_generator,
+    params_tensors,
+    processed_probs,
+    row_uniforms,
+    sample_rows,
+)
 
 
 def hf_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -44,6 +54,35 @@ def test_matches_hf_warpers_with_mixed_rows():
     # the filters really bite: some rows lose tokens, none loses all
     assert (out == 0).any(dim=-1).sum() > n // 2
     torch.testing.assert_close(out.sum(-1), torch.ones(n))
+
+
+@pytest.mark.parametrize(("scale", "shortcut"), [(12.0, True), (0.5, False)])
+def test_matches_hf_warpers_over_the_targets_vocabulary(scale: float, shortcut: bool):
+    """At SmolLM2's 49,152 tokens: peaked rows (scale 12) keep only tokens among their 256 largest logits, so
+    the filters are decided there without a vocabulary sort; flat rows (scale 0.5) keep thousands at top-p
+    0.95, so the sort decides. Both agree with HF's warpers."""
+    gen = torch.Generator().manual_seed(2)
+    n, vocab = 48, 49152
+    logits = torch.randn(n, vocab, generator=gen) * scale
+    rows = random_params(n, gen)
+    rows[:3] = [(1.0, 0, 0.95), (0.3, 100, 1.0), (1.7, 5, 0.5)]  # top-p alone, top-k alone, both
+    temperature, top_k, top_p = (torch.tensor(col) for col in zip(*rows, strict=True))
+    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    needs_filter = ((top_k > 0) | (top_p < 1)) & (temperature > 0)
+    assert (_kept_among_largest(scaled, top_k, top_p, needs_filter) is not None) == shortcut
+    out = processed_probs(logits, temperature, top_k, top_p)
+    ref = torch.stack([hf_reference(logits[i], *rows[i]) for i in range(n)])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert ((out > 0).sum(-1)[needs_filter] < vocab).all()  # every filtered row lost tokens
+
+
+def test_top_k_ties_past_the_candidates_go_to_the_sort():
+    """A top-k cut whose value ties with logits past the 256 largest keeps all of them, as HF does."""
+    head = torch.linspace(10, 5, FILTER_CANDIDATES - 1)
+    logits = torch.cat([head, torch.full((10,), 1.0), torch.zeros(500)])[None]
+    out = processed_probs(logits, torch.ones(1), torch.tensor([FILTER_CANDIDATES]), torch.ones(1))
+    torch.testing.assert_close(out[0], hf_reference(logits[0], 1.0, FILTER_CANDIDATES, 1.0))
+    assert int((out > 0).sum()) == FILTER_CANDIDATES + 9
 
 
 def test_greedy_rows_are_one_hot_at_first_argmax():
@@ -103,3 +142,28 @@ def test_sampling_params_defaults_and_generator():
 def test_sampling_params_validation_names_field(kwargs, field):
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_sample_rows_draws_each_index_with_its_weights_share():
+    """Chi-square of 40,000 inverse-CDF draws against the exact probabilities, rows of unnormalised weights
+    with zeros among them (never drawn); the ends of [0, 1) map to the first and last positive index."""
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 6.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    gen = torch.Generator().manual_seed(4)
+    n = 40_000
+    drawn = sample_rows(weights.repeat(n, 1), torch.rand(2 * n, generator=gen)).view(n, 2)
+    for row in range(2):
+        counts = torch.bincount(drawn[:, row], minlength=6).double()
+        expected = weights[row].double() / weights[row].sum() * n
+        assert (counts[expected == 0] == 0).all()
+        positive = expected > 0
+        assert chisquare(counts[positive].numpy(), expected[positive].numpy()).pvalue > 1e-3
+    ends = sample_rows(weights[:1].repeat(2, 1), torch.tensor([0.0, 1.0 - 2**-24]))
+    assert ends.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="no positive weight"):
+        sample_rows(torch.zeros(1, 3), torch.zeros(1))
+
+
+def test_row_uniforms_of_seeded_rows_come_from_their_own_generator():
+    a = row_uniforms(3, [None, torch.Generator().manual_seed(7), None])
+    b = row_uniforms(2, [torch.Generator().manual_seed(7), None])
+    assert a[1] == b[0] == torch.rand(1, generator=torch.Generator().manual_seed(7))[0]

@@ -11,6 +11,8 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
+from dspark.sampling import row_uniforms, sample_rows
+
 
 @dataclass
 class VerifyResult:
@@ -35,15 +37,12 @@ def _uniforms(
 
 
 def _sample_rows(dist: Tensor, sampled: list[bool], generators: Sequence[torch.Generator | None]) -> Tensor:
-    """One multinomial draw per sampled row (unnormalised weights); greedy rows get -1."""
+    """One draw per sampled row (unnormalised weights); greedy rows get -1."""
     out = torch.full((dist.size(0),), -1, dtype=torch.long, device=dist.device)
-    unseeded = [i for i, (s, g) in enumerate(zip(sampled, generators, strict=True)) if s and g is None]
-    if unseeded:
-        idx = torch.tensor(unseeded, device=dist.device)
-        out[idx] = torch.multinomial(dist[idx], 1).squeeze(-1)
-    for i, (s, g) in enumerate(zip(sampled, generators, strict=True)):
-        if s and g is not None:
-            out[i] = torch.multinomial(dist[i], 1, generator=g)[0]
+    rows = [i for i, s in enumerate(sampled) if s]
+    if rows:
+        idx = torch.tensor(rows, device=dist.device)
+        out[idx] = sample_rows(dist[idx], row_uniforms(len(rows), [generators[i] for i in rows], dist.device))
     return out
 
 

@@ -20,7 +20,7 @@ from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
 from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter, greedy_candidates
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Draft, DraftRequest, Proposer
-from dspark.sampling import params_tensors, processed_probs
+from dspark.sampling import params_tensors, processed_probs, row_uniforms, sample_rows
 
 MAX_PENDING_ROWS = 256  # observed rows kept before their keys/values are computed anyway (bounds memory)
 
@@ -142,7 +142,8 @@ class DSparkProposer(Proposer):
             return [Draft(tokens=token_ids[i][: max_lens[i]], confidences=confidences[i, : max_lens[i]])
                     for i in range(len(requests))]  # fmt: skip
         sampling = None if all(greedy) else params_tensors(params, [1] * len(requests))
-        allowed = greedy_candidates(base[:, :steps])  # greedy draws pick among these; sampled ones anywhere
+        # greedy draws pick among these; sampled ones anywhere
+        allowed = greedy_candidates(base[:, :steps]) if any(greedy) else None
         tokens, probs, embeddings, top_probs = [], [], [], []
         prev = anchors
         for k in range(steps):
@@ -200,7 +201,8 @@ class DSparkProposer(Proposer):
         """Draft-vocabulary ids: greedy requests' argmax (of logits restricted to their candidates), sampled
         requests' draws from `dist`."""
         drawn = greedy_logits.argmax(-1)
-        for i, r in enumerate(requests):
-            if not greedy[i]:
-                drawn[i] = torch.multinomial(dist[i], 1, generator=r.generator)[0]
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:
+            u = row_uniforms(len(sampled), [requests[i].generator for i in sampled])
+            drawn[torch.tensor(sampled)] = sample_rows(dist[torch.tensor(sampled)], u)
         return drawn
