@@ -127,3 +127,24 @@ def test_sampled_output_with_the_scheduler_follows_the_target(default_model, tok
     assert stats.accepted > 0
 
     assert first_two_token_pvalue(completions, p1, p2) > 1e-3
+
+
+def test_steps_drafting_for_sampling_requests_are_costed_as_sampled(default_model, tokenizer):
+    """A step that drafts for a sampling request is costed at the profile's sampled draft time."""
+
+    class Recording(ScheduledVerification):
+        def lengths(self, confidences, shape, sources=None):
+            self.sampled.append(shape.sampled)
+            return super().lengths(confidences, shape, sources)
+
+    config = EngineConfig(proposer="ngram", max_model_len=256)
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer)
+    profile = CostProfile(key="t", requests=[1], tokens_per_request=[1, 2, 5], target_ms=[[10.0, 11.0, 12.0]],
+                          draft_ms=[0.0], sampled_draft_ms=[1.0])  # fmt: skip
+    prompt = tokenizer.encode("one two three four five six, one two three four five six, one two three")
+    for temperature, sampled in ((0.0, False), (0.5, True)):
+        engine.policy = Recording(profile, draft_gate=False)
+        engine.policy.sampled = []
+        params = SamplingParams(temperature=temperature, seed=1, max_tokens=12, ignore_eos=True)
+        list(engine.stream(prompt, params))
+        assert engine.policy.sampled and set(engine.policy.sampled) == {sampled}

@@ -51,6 +51,21 @@ def test_profile_interpolates_tokens_and_requests():
     assert profile.steps_per_second(4)(8) == pytest.approx(1 / 0.043)
 
 
+def test_sampled_draft_calls_cost_what_the_profile_measured_for_them():
+    """Steps whose draft call serves a sampling request pay the sampled draft time; a profile without one
+    (a proposer that draws the same either way) charges the greedy time."""
+    profile = _profile([[10.0, 12.0, 30.0], [20.0, 40.0, 100.0]], draft_ms=[1.0, 3.0])
+    sampled = profile.model_copy(update={"sampled_draft_ms": [4.0, 9.0]})
+    assert sampled.step_seconds(1, 2) == pytest.approx(0.013)
+    assert sampled.step_seconds(1, 2, sampled=True) == pytest.approx(0.016)
+    assert sampled.steps_per_second(4, sampled=True)(8) == pytest.approx(1 / 0.049)
+    assert sampled.step_seconds(4, 4, drafted=0, sampled=True) == pytest.approx(0.020)
+    assert profile.step_seconds(1, 2, sampled=True) == pytest.approx(0.013)
+    assert plausibility(sampled).ok
+    assert not plausibility(sampled.model_copy(update={"sampled_draft_ms": [9.0, 4.0]})).ok
+    assert not plausibility(sampled.model_copy(update={"sampled_draft_ms": [4.0]})).ok
+
+
 def test_profile_curve_matches_interpolating_tokens_first():
     """The scheduler's fast curve (requests interpolated first, once per step) against the definition:
     interpolate each profiled request count's row over tokens, then across log(requests)."""

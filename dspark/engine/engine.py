@@ -307,7 +307,8 @@ class Engine:
         wanted = [(s, k) for s in finals if (k := self._draft_limit(s)) > 0]
         decoding = sum(len(s.chunk) == 1 for s in scheduled)
         prefill = sum(len(s.chunk) for s in scheduled if len(s.chunk) > 1)
-        shape = StepShape(decoding, decoding, len(finals), prefill)
+        sampled = any(not s.request.params.greedy for s, _ in wanted)  # the draft call's dearer path
+        shape = StepShape(decoding, decoding, len(finals), prefill, sampled=sampled)
         report = self.last_step
         report.could_draft = len(wanted)
         if not wanted:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 5, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 10  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 11  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -59,6 +59,9 @@ class CostProfile(BaseModel):
     tokens_per_request: list[float]  # profiled tokens per request (1 + draft length), ascending
     target_ms: list[list[float]]  # target_ms[i][j]: forward of requests[i] requests x tokens_per_request[j]
     draft_ms: list[float]  # draft_ms[i]: one propose call for requests[i] requests (0 without a drafter)
+    # The same for sampled requests (temperature, top-p): a drafter draws them through its distribution, which
+    # costs more than a greedy argmax. Empty: as greedy.
+    sampled_draft_ms: list[float] = []
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
 
@@ -73,8 +76,11 @@ class CostProfile(BaseModel):
         columns = zip(*self.target_ms, strict=True)
         return [self._across_requests(num_requests, column) for column in columns]
 
-    def draft_seconds(self, num_requests: int) -> float:
-        return self._across_requests(num_requests, self.draft_ms) / 1000 if num_requests else 0.0
+    def draft_seconds(self, num_requests: int, sampled: bool = False) -> float:
+        """One draft call for `num_requests` requests; `sampled`: some of them sample (the call then takes the
+        sampled path for all)."""
+        curve = self.sampled_draft_ms if sampled and self.sampled_draft_ms else self.draft_ms
+        return self._across_requests(num_requests, curve) / 1000 if num_requests else 0.0
 
     def prefill_seconds(self, num_tokens: int) -> float:
         """What prompt chunks of `num_tokens` tokens add to a step (beyond a one-token forward)."""
@@ -84,19 +90,26 @@ class CostProfile(BaseModel):
         return max(ms - self.target_ms[0][0], 0.0) / 1000
 
     def step_seconds(
-        self, num_requests: int, num_tokens: int, drafted: int | None = None, prefill_tokens: int = 0
+        self,
+        num_requests: int,
+        num_tokens: int,
+        drafted: int | None = None,
+        prefill_tokens: int = 0,
+        sampled: bool = False,
     ) -> float:
-        """A step's time; the draft call served `drafted` of the requests (None: all of them)."""
-        draft = self.draft_seconds(num_requests if drafted is None else drafted)
+        """A step's time; the draft call served `drafted` of the requests (None: all of them), `sampled`:
+        some of them sample."""
+        draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
         return draft + self.target_seconds(num_requests, num_tokens) + self.prefill_seconds(prefill_tokens)
 
     def steps_per_second(
-        self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0
+        self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0, sampled: bool = False
     ) -> Callable[[int], float]:
         """SPS(B) for a step of `num_requests` decoding requests feeding B tokens (plus prompt chunks of
-        `prefill_tokens` tokens), `drafted` of them drafted for: what Algorithm 1 trades against tau. Asked
-        for many B each step: the parts that do not depend on B are computed once."""
-        draft = self.draft_seconds(num_requests if drafted is None else drafted)
+        `prefill_tokens` tokens), `drafted` of them drafted for (`sampled`: some of those sample): what
+        Algorithm 1 trades against tau. Asked for many B each step: the parts that do not depend on B are
+        computed once."""
+        draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
         fixed_ms = 1000 * (draft + self.prefill_seconds(prefill_tokens))
         curve, grid = self._target_curve(num_requests), self.tokens_per_request
         requests = max(num_requests, 1)
@@ -165,6 +178,7 @@ def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> 
     if (
         not shaped
         or len(profile.draft_ms) != len(counts)
+        or len(profile.sampled_draft_ms) not in (0, len(counts))
         or len(profile.prefill_ms) != len(profile.prefill_tokens)
     ):
         return Plausibility([f"tables do not match the profiled shapes ({counts} x {tokens})"], math.inf)
@@ -175,6 +189,8 @@ def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> 
         found._monotone([row[j] for row in profile.target_ms], shapes, "target forward")
     found._monotone(profile.prefill_ms, [f"a {t}-token chunk" for t in profile.prefill_tokens], "prefill")
     found._monotone(profile.draft_ms, [f"{n} requests" for n in counts], "draft call")
+    if profile.sampled_draft_ms:
+        found._monotone(profile.sampled_draft_ms, [f"{n} requests" for n in counts], "sampled draft call")
     if reference is not None and _same_shapes(profile, reference):
         now = [v for row in profile.target_ms for v in row] + list(profile.prefill_ms)
         before = [v for row in reference.target_ms for v in row] + list(reference.prefill_ms)
@@ -312,15 +328,28 @@ def profile_prefill(model: Transformer) -> Generator[None, None, list[float]]:
 OBSERVED_ROWS = 2  # committed rows per request and step a conditioned proposer observes while profiled
 
 
+# What sampled requests are profiled with: a common chat setting (the cost hardly depends on the values).
+PROFILE_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
+
+
 def profile_proposer(
-    proposer: Proposer | None, model: Transformer, counts: Sequence[int], num_speculative_tokens: int
+    proposer: Proposer | None,
+    model: Transformer,
+    counts: Sequence[int],
+    num_speculative_tokens: int,
+    params: SamplingParams | None = None,
 ) -> Generator[None, None, list[float]]:
-    """Median ms of one step's proposer work for n requests of filler context: observing the committed
-    rows (conditioned drafters) and one propose call (drafts of the longest length)."""
+    """Median ms of one step's proposer work for n requests of filler context (greedy, or sampling with
+    `params`): observing the committed rows (conditioned drafters) and one propose call (drafts of the
+    longest length)."""
     if proposer is None:
         return [0.0] * len(counts)
     requests = [
-        _ProfileRequest(f"profile-{i}", torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,)).tolist())
+        _ProfileRequest(
+            f"profile-{i}",
+            torch.randint(0, model.cfg.vocab_size, (PROFILE_CONTEXT,)).tolist(),
+            params or SamplingParams(),
+        )
         for i in range(max(counts))
     ]
     layers = proposer.hidden_layers
@@ -357,6 +386,7 @@ def _measure(
         tokens_per_request=grid,
         target_ms=(yield from profile_target(model, counts, grid)),
         draft_ms=(yield from profile_proposer(proposer, model, counts, length)),
+        sampled_draft_ms=(yield from profile_proposer(proposer, model, counts, length, PROFILE_SAMPLING)),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=(yield from profile_prefill(model)),
     )
@@ -384,7 +414,7 @@ class ProfileMeasurement:
     ) -> None:
         counts, grid = request_counts(max_requests), tokens_grid(num_speculative_tokens)
         self.runs_per_attempt = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
-        self.runs_per_attempt += ROUNDS * len(counts) if proposer is not None else 0
+        self.runs_per_attempt += 2 * ROUNDS * len(counts) if proposer is not None else 0  # greedy, sampled
         self.total_runs = self.runs_per_attempt
         self.path = path
         self.reference = reference
@@ -516,6 +546,7 @@ def _describe(profile: CostProfile) -> str:
     return (
         f"target ms, 1 request by tokens {single}; "
         f"{profile.requests[-1]} requests x 1 token {profile.target_ms[-1][0]} ms; "
-        f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))}; "
+        f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))} "
+        f"(sampled {dict(zip(profile.requests, profile.sampled_draft_ms, strict=False))}); "
         f"prefill ms by chunk {dict(zip(profile.prefill_tokens, profile.prefill_ms, strict=True))}"
     )

@@ -47,14 +47,16 @@ class VerificationConfig(BaseModel):
 @dataclass
 class StepShape:
     """The step before any draft token: its decoding requests and their tokens, the tokens it yields anyway
-    (one per request whose pending tokens it completes), the prompt-chunk tokens riding along, and how many
-    requests the profiled draft call serves (None: every decoding request; a hybrid's free lookup: 0)."""
+    (one per request whose pending tokens it completes), the prompt-chunk tokens riding along, how many
+    requests the profiled draft call serves (None: every decoding request; a hybrid's free lookup: 0), and
+    whether some of them sample (the call then costs the profile's sampled draft time)."""
 
     num_requests: int
     num_tokens: int
     num_outputs: int
     prefill_tokens: int = 0
     drafted: int | None = None
+    sampled: bool = False
 
 
 class VerificationPolicy(Protocol):
@@ -192,7 +194,9 @@ class ScheduledVerification:
         return self._schedule(confidences, shape)
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
-        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.prefill_tokens)
+        sps = self.profile.steps_per_second(
+            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
+        )
         return schedule_prefixes(
             confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs,
             min_gain=self.min_gain,
@@ -218,7 +222,7 @@ class ScheduledVerification:
         until it looks."""
         recent = self.recent[source]
         key = (id(self.profile), source, candidates, called.num_requests, called.num_tokens,
-               called.num_outputs, called.prefill_tokens, called.drafted)  # fmt: skip
+               called.num_outputs, called.prefill_tokens, called.drafted, called.sampled)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._rates.get(key)
         if cached is not None and recent.updates - cached[0] < (1 if gated else RATE_UPDATES):
@@ -234,7 +238,9 @@ class ScheduledVerification:
         if not any(len(c) for c in drafts):
             sps = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)
             return shape.num_outputs * sps(shape.num_tokens)
-        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.prefill_tokens)
+        sps = self.profile.steps_per_second(
+            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
+        )
         lengths = self._schedule(drafts, shape)
         accepted = expected_accepted(drafts, lengths)
         return (shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths))
