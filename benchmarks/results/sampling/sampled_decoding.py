@@ -1,0 +1,43 @@
+"""Sampled decoding, batch 1: tokens/s of plain decoding and of the drafter, greedy and sampled, on held-out dev
+prompts (medians over prompts). Run from the repository root:
+
+    .venv/bin/python benchmarks/results/sampling/sampled_decoding.py OUT.json [NUM_PROMPTS]
+
+It uses only the public engine API, so it also runs against an older checkout (PYTHONPATH=that checkout).
+"""
+
+import json
+import statistics
+import sys
+import time
+
+from dspark.assembly import build_engine
+from dspark.engine import EngineConfig
+from dspark.models.loader import load_tokenizer, load_transformer
+from dspark.prompts import load_prompts
+from dspark.runtime import set_threads
+from dspark.sampling import SamplingParams
+
+set_threads(2)
+out_path, num_prompts = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 12
+model, tokenizer = load_transformer("default"), load_tokenizer("default")
+prompts = load_prompts(None, limit=40 + num_prompts, skip=40)[:num_prompts]  # after the tuned-on 40
+SAMPLINGS = {"greedy": {}, "t0.8_top_p0.9": {"temperature": 0.8, "top_p": 0.9}}
+METHODS = {"plain": ("none", "fixed"), "dspark_fixed": ("dspark", "fixed"), "dspark_scheduler": ("dspark", "scheduler")}
+rates: dict[str, list[float]] = {}
+for method, (proposer, policy) in METHODS.items():
+    engine = build_engine(EngineConfig(proposer=proposer, verification={"policy": policy}), model=model,
+                          tokenizer=tokenizer)  # fmt: skip
+    for label, sampling in SAMPLINGS.items():
+        key = f"{method}/{label}"
+        for i, prompt in enumerate(prompts):
+            ids = engine.encode_prompt(messages=[{"role": "user", "content": prompt.turns[0]}])
+            params = SamplingParams(max_tokens=128, ignore_eos=True, seed=i, **sampling)
+            began = time.perf_counter()
+            tokens = sum(len(o.token_ids) for o in engine.stream(ids, params))
+            rates.setdefault(key, []).append(tokens / (time.perf_counter() - began))
+        print(key, round(statistics.median(rates[key]), 1), "tok/s", flush=True)
+medians = {key: round(statistics.median(values), 2) for key, values in rates.items()}
+with open(out_path, "w") as f:
+    json.dump({"num_prompts": num_prompts, "max_tokens": 128, "median_tokens_per_s": medians, "per_prompt": rates},
+              f, indent=1)  # fmt: skip
