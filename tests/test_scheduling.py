@@ -102,7 +102,7 @@ def test_profile_curve_matches_interpolating_tokens_first():
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
     proposer = NgramProposer()
     measured = load_or_measure(default_model, proposer, 2, 6, tmp_path)
-    assert measured.tokens_per_request == [1, 1.25, 1.5, 2, 3, 5, 7]  # up to 1 + the longest draft
+    assert measured.tokens_per_request == [1, 1.25, 1.5, 2, 3, 4, 5, 6, 7]  # up to 1 + the longest draft
     assert measured.requests == [1, 2]
     assert all(ms > 0 for row in measured.target_ms for ms in row)
     # more tokens never cost much less (allowing timing noise), more requests cost more
@@ -328,6 +328,17 @@ def test_scheduler_runs_algorithm_1_on_the_profile():
     cheap = policy.lengths([np.array([0.6, 0.5])], StepShape(1, 1, 1))
     loaded = policy.lengths([np.array([0.6, 0.5])] * 4, StepShape(4, 4, 4))
     assert cheap[0] >= 1 and loaded == [0, 0, 0, 0]
+
+
+def test_greedy_steps_reach_past_a_dear_odd_row_to_a_free_even_one():
+    """Rows come in pairs: 3 tokens cost what 4 do. Verifying 2 drafts does not pay (1.75 tokens in 14 ms
+    against 1.5 in 11), 3 do (1.975 in 14 ms). Greedy steps take the best of the whole admission path; steps
+    drafting for a sampling request stop at the first admission that does not pay (Appendix A)."""
+    paired = _profile([[10.0, 11.0, 14.0, 14.0]], requests=(1,), tokens=(1, 2, 3, 4))
+    policy = ScheduledVerification(paired, draft_gate=False, min_gain=0.0)
+    confidences = [np.array([0.5, 0.5, 0.9])]
+    assert policy.lengths(confidences, StepShape(1, 1, 1)) == [3]
+    assert policy.lengths(confidences, StepShape(1, 1, 1, sampled=True)) == [1]
 
 
 def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():

@@ -197,9 +197,13 @@ class ScheduledVerification:
         sps = self.profile.steps_per_second(
             shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
         )
+        # Algorithm 1 stops at the first admission that does not pay, so that whether a sampled draft token is
+        # verified never depends on confidences computed from that token (Appendix A). Greedy drafts are
+        # verified by exact match, so that bias cannot arise: steps drafting for greedy requests only take the
+        # best point of the whole admission path, past a dear odd row to a free even one (row pairs).
         return schedule_prefixes(
-            confidences, sps, base_tokens=shape.num_tokens, base_outputs=shape.num_outputs,
-            min_gain=self.min_gain,
+            confidences, sps, early_stop=shape.sampled, base_tokens=shape.num_tokens,
+            base_outputs=shape.num_outputs, min_gain=self.min_gain,
         )  # fmt: skip
 
     def _pays_off(
