@@ -332,13 +332,15 @@ def test_scheduler_runs_algorithm_1_on_the_profile():
 
 def test_greedy_steps_reach_past_a_dear_odd_row_to_a_free_even_one():
     """Rows come in pairs: 3 tokens cost what 4 do. Verifying 2 drafts does not pay (1.75 tokens in 14 ms
-    against 1.5 in 11), 3 do (1.975 in 14 ms). Greedy steps take the best of the whole admission path; steps
-    drafting for a sampling request stop at the first admission that does not pay (Appendix A)."""
-    paired = _profile([[10.0, 11.0, 14.0, 14.0]], requests=(1,), tokens=(1, 2, 3, 4))
+    against 1.5 in 11), 3 do (1.975 in 14 ms). A lone greedy request takes the best of the whole admission
+    path; a sampling one stops at the first admission that does not pay (Appendix A), as do batched steps."""
+    rows = [[10.0, 11.0, 14.0, 14.0], [20.0, 22.0, 28.0, 28.0]]
+    paired = _profile(rows, requests=(1, 2), tokens=(1, 2, 3, 4))
     policy = ScheduledVerification(paired, draft_gate=False, min_gain=0.0)
     confidences = [np.array([0.5, 0.5, 0.9])]
     assert policy.lengths(confidences, StepShape(1, 1, 1)) == [3]
     assert policy.lengths(confidences, StepShape(1, 1, 1, sampled=True)) == [1]
+    assert policy.lengths(confidences * 2, StepShape(2, 2, 2)) == [1, 1]
 
 
 def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():
