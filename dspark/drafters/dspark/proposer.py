@@ -203,6 +203,7 @@ class DSparkProposer(Proposer):
         drawn = greedy_logits.argmax(-1)
         sampled = [i for i, g in enumerate(greedy) if not g]
         if sampled:
+            rows = torch.tensor(sampled)
             u = row_uniforms(len(sampled), [requests[i].generator for i in sampled])
-            drawn[torch.tensor(sampled)] = sample_rows(dist[torch.tensor(sampled)], u)
+            drawn[rows] = sample_rows(dist[rows], u)
         return drawn
