@@ -130,10 +130,18 @@ def sample_rows(weights: Tensor, uniforms: Tensor) -> Tensor:
     return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
-def row_uniforms(n: int, generators: Sequence[torch.Generator | None], device: torch.device | str = "cpu"):
-    """One U(0, 1) per row: seeded rows from their request's generator, the rest from the global RNG."""
-    u = torch.rand(n, device=device)
+def row_uniforms(
+    n: int,
+    generators: Sequence[torch.Generator | None],
+    device: torch.device | str = "cpu",
+    columns: int | None = None,
+) -> Tensor:
+    """One U(0, 1) per row ([n]), or `columns` per row ([n, columns]): seeded rows from their request's
+    generator (a row's columns in order, as that many single draws would give), the rest from the global
+    RNG."""
+    shape = (n,) if columns is None else (n, columns)
+    u = torch.rand(shape, device=device)
     for i, g in enumerate(generators):
         if g is not None:
-            u[i] = torch.rand(1, generator=g, device=device)[0]
+            u[i] = torch.rand(shape[1:] or (1,), generator=g, device=device).reshape(shape[1:])
     return u

@@ -14,7 +14,7 @@ from sampling_checks import first_two_token_probs, first_two_token_pvalue
 
 from dspark.assembly import build_engine
 from dspark.drafters.dspark.checkpoint import SHIPPED_DRAFTER, load_drafter, save_drafter
-from dspark.drafters.dspark.model import GREEDY_CANDIDATES, DrafterConfig, DSparkDrafter
+from dspark.drafters.dspark.model import DRAW_CANDIDATES, DrafterConfig, DSparkDrafter, draw_candidates
 from dspark.drafters.dspark.proposer import DSparkProposer
 from dspark.engine import EngineConfig
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
@@ -134,10 +134,10 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
     draft = proposer.propose([Req], [GAMMA])[0]
     scores = _scores(random_drafter, recorded, torch.tensor([anchor]))
     # Greedy drafting feeds its own argmax to the Markov head: replay it through the training path, choosing
-    # among each position's GREEDY_CANDIDATES best base logits (half of this drafter's 512 draft tokens).
+    # among each position's DRAW_CANDIDATES best base logits (half of this drafter's 512 draft tokens).
     expected, prev = [], recorded.token_ids[anchor]
     base = scores.base_logits[0]
-    floor = base.sort(dim=-1, descending=True).values[:, GREEDY_CANDIDATES - 1 : GREEDY_CANDIDATES]
+    floor = base.sort(dim=-1, descending=True).values[:, DRAW_CANDIDATES - 1 : DRAW_CANDIDATES]
     with torch.no_grad():
         for k in range(GAMMA):
             e = random_drafter.markov_embedding(prev[None])
@@ -151,8 +151,8 @@ def test_engine_path_matches_the_training_path(random_drafter, recorded: Sequenc
 
 def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(random_drafter, recorded: Sequence):
     """A sampled draft's probs are what temperature, top-k and top-p make of its logits over the target's
-    whole vocabulary (processed_probs on the draft vocabulary's logits scattered among -inf), though the
-    proposer filters the draft vocabulary alone; every drafted token lies in its position's support."""
+    whole vocabulary (processed_probs on the draw candidates' logits scattered among -inf), though the
+    proposer filters the candidates alone; every drafted token lies in its position's support."""
     proposer = DSparkProposer(copy.deepcopy(random_drafter))
     anchor = recorded.prompt_len + 7
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=5)
@@ -171,6 +171,7 @@ def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(random_draft
     for k, token in enumerate(draft.tokens):
         with torch.no_grad():
             logits = base[k] + random_drafter.transition_bias(random_drafter.markov_embedding(prev[None]))[0]
+        logits = logits.masked_fill(~draw_candidates(base[k]), float("-inf"))
         full = torch.full((1, random_drafter.cfg.vocab_size), float("-inf"))
         full[0, random_drafter.draft_to_target] = logits
         expected = processed_probs(full, *params_tensors([params], [1]))[0]
@@ -179,15 +180,27 @@ def test_sampled_drafts_carry_the_distribution_they_were_drawn_from(random_draft
         prev = torch.tensor(token)
 
 
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9)
+
+
 @pytest.mark.parametrize(
-    ("shipped", "contexts"),
-    [(False, (5, 40, 300)), (True, (5, 40, 300)), (True, (5, 40, 300, *range(9, 90, 9)))],
+    ("shipped", "contexts", "sampled"),
+    [
+        (False, (5, 40, 300), False),
+        (True, (5, 40, 300), False),
+        (True, (5, 40, 300, *range(9, 90, 9)), False),
+        (False, (5, 40, 300, 17), True),
+        (True, (5, 40, 300, 17), True),
+    ],
 )
-def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model, shipped: bool, contexts):
-    """The native draft step (context append, block layers, greedy Markov draw) gives the PyTorch path's
-    drafts and confidences for a batch of requests with contexts of different lengths, over several steps.
-    12 requests are 84 block rows: past the 64 rows where the target's layers leave the block kernel, which
-    the drafter's fp16 weights keep."""
+def test_fused_draft_step_matches_the_pytorch_path(
+    random_drafter, default_model, shipped: bool, contexts, sampled: bool
+):
+    """The native draft step (context append, block layers, Markov draw) gives the PyTorch path's drafts,
+    confidences and (sampling requests) draft distributions for a batch of requests with contexts of
+    different lengths, over several steps. 12 requests are 84 block rows: past the 64 rows where the target's
+    layers leave the block kernel, which the drafter's fp16 weights keep. With `sampled`, every other request
+    samples (one with top-k as well), seeded, and both paths get the same generator states."""
 
     def drafter() -> DSparkDrafter:  # a copy each: proposers pack their drafter
         return load_drafter(SHIPPED_DRAFTER, default_model) if shipped else copy.deepcopy(random_drafter)
@@ -202,6 +215,9 @@ def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model
     class Req:
         def __init__(self, i: int, length: int) -> None:
             self.request_id, self.params, self.generator = f"r{i}", SamplingParams(), None
+            if sampled and i % 2:
+                self.params = SAMPLED.model_copy(update={"top_k": 20 * (i == 3)})
+                self.generator = torch.Generator().manual_seed(i)
             self.token_ids = torch.randint(0, default_model.cfg.vocab_size, (length,), generator=gen).tolist()
 
     requests = [Req(i, length) for i, length in enumerate(contexts)]
@@ -211,9 +227,17 @@ def test_fused_draft_step_matches_the_pytorch_path(random_drafter, default_model
             plain.observe(r, chunk)
     for _ in range(3):
         lengths = [(7, 3, 5)[i % 3] for i in range(len(requests))]
-        for a, b in zip(fused.propose(requests, lengths), plain.propose(requests, lengths), strict=True):
+        states = [None if r.generator is None else r.generator.get_state() for r in requests]
+        drafts = fused.propose(requests, lengths)
+        for r, state in zip(requests, states, strict=True):
+            if state is not None:
+                r.generator.set_state(state)
+        for a, b in zip(drafts, plain.propose(requests, lengths), strict=True):
             assert a.tokens == b.tokens
             torch.testing.assert_close(a.confidences, b.confidences, rtol=1e-4, atol=1e-5)
+            assert (a.probs is None) == (b.probs is None)
+            if a.probs is not None:
+                torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-6)
         for r in requests:  # the next step commits two tokens
             r.token_ids += [3, 7]
             rows = torch.randn(2, width, generator=gen)

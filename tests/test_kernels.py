@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dspark.kernels import native_ops, small_m_linear
 from dspark.models.linear import SMALL_M_ROWS, Linear
+from dspark.sampling import SamplingParams, params_tensors, processed_probs, sample_rows
 
 op = small_m_linear()
 needs_kernel = pytest.mark.skipif(op is None, reason="native kernel unavailable on this machine")
@@ -107,22 +108,39 @@ def test_ragged_attention_appends_and_attends_every_request() -> None:
         ops.ragged_attention(q[:-1], k_new[:-1], v_new[:-1], k_cache, v_cache, torch.tensor(layout))
 
 
-@needs_kernel
-@pytest.mark.parametrize("vocab", [300, 1000])
-def test_markov_greedy_chooses_among_the_top_candidates_as_the_reference(vocab: int) -> None:
-    """The native greedy Markov draw against a plain loop over the rule's own words: each position's token is
-    the first argmax of base + W2 W1[previous] over the tokens whose base logit is among the `candidates`
-    largest, ties at the last one kept. Base logits on a coarse grid make ties at that boundary common (and
-    hold both zeros); rank 20 is not a multiple of the kernel's 8 lanes."""
+def _markov_inputs(vocab: int, requests: int, steps: int, rank: int = 20, target_vocab: int = 5000):
     gen = torch.Generator().manual_seed(3)
-    requests, steps, rank, candidates, target_vocab = 3, 7, 20, 64, 5000
     base = torch.randint(-40, 41, (requests, steps + 1, vocab), generator=gen).float() / 8
     base[0, 0, :5] = -0.0
     w1 = torch.randn(target_vocab, rank, generator=gen)
     w2 = torch.randn(vocab, rank, generator=gen)
     d2t = torch.randperm(target_vocab, generator=gen)[:vocab]
     anchors = torch.randint(0, target_vocab, (requests,), generator=gen)
-    tokens, embeddings = ops.markov_greedy(base, anchors, w1, w2, d2t, steps, candidates)
+    return base, anchors, w1, w2, d2t
+
+
+def _draw(inputs, steps: int, candidates: int, temperature, top_k, top_p, uniforms):
+    rows = len(inputs[1])
+    sampling = (
+        torch.tensor(temperature, dtype=torch.float32).expand(rows).contiguous(),
+        torch.tensor(top_k).expand(rows).contiguous(),
+        torch.tensor(top_p, dtype=torch.float32).expand(rows).contiguous(),
+    )
+    return ops.markov_draw(*inputs, steps, candidates, *sampling, uniforms)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [300, 1000])
+def test_markov_greedy_draw_chooses_among_the_top_candidates_as_the_reference(vocab: int) -> None:
+    """The native greedy Markov draw against a plain loop over the rule's own words: each position's token is
+    the first argmax of base + W2 W1[previous] over the tokens whose base logit is among the `candidates`
+    largest, ties at the last one kept. Base logits on a coarse grid make ties at that boundary common (and
+    hold both zeros); rank 20 is not a multiple of the kernel's 8 lanes."""
+    requests, steps, candidates = 3, 7, 64
+    inputs = base, anchors, w1, w2, d2t = _markov_inputs(vocab, requests, steps)
+    uniforms = torch.zeros(requests, steps, dtype=torch.float64)
+    tokens, embeddings, probs = _draw(inputs, steps, candidates, 0.0, 0, 1.0, uniforms)
+    assert probs.numel() == 0  # no row samples
     for r in range(requests):
         prev = int(anchors[r])
         for k in range(steps):
@@ -131,5 +149,51 @@ def test_markov_greedy_chooses_among_the_top_candidates_as_the_reference(vocab: 
             torch.testing.assert_close(embeddings[r, k], w1[prev])
             prev = int(d2t[logits.masked_fill(base[r, k] < floor, float("-inf")).argmax()])
             assert int(tokens[r, k]) == prev, (r, k)
-    unrestricted, _ = ops.markov_greedy(base, anchors, w1, w2, d2t, steps, vocab)
+    unrestricted = _draw(inputs, steps, vocab, 0.0, 0, 1.0, uniforms)[0]
     assert not torch.equal(unrestricted, tokens)  # the restriction bites on these logits
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(0.7, 0, 1.0), (1.3, 0, 0.8), (0.7, 20, 1.0), (0.9, 5, 0.5), (0.5, 700, 0.95), (2.0, 0, 0.999)],
+)
+def test_markov_sampled_draw_is_processed_probs_and_an_inverse_cdf_draw(temperature, top_k, top_p) -> None:
+    """A sampled row's distribution at each position is `processed_probs` (the sampling module's own rule:
+    top-k ties with the k-th value kept, top-p over the descending order) of base + W2 W1[previous] on the
+    tokens whose base logit is among the `candidates` largest, -inf elsewhere; its token is `sample_rows` of
+    that distribution at the row's uniform. The coarse logit grid puts ties at the candidate, top-k and top-p
+    boundaries; top-k 700 keeps every candidate, and leaves top-p to decide."""
+    vocab, requests, steps, candidates = 1000, 3, 7, 300
+    inputs = base, anchors, w1, w2, d2t = _markov_inputs(vocab, requests, steps)
+    uniforms = torch.rand(requests, steps, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    tokens, embeddings, probs = _draw(inputs, steps, candidates, temperature, top_k, top_p, uniforms)
+    sampling = params_tensors([SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)], [1])
+    for r in range(requests):
+        prev = int(anchors[r])
+        for k in range(steps):
+            floor = base[r, k].sort(descending=True).values[candidates - 1]
+            logits = (base[r, k] + w2 @ w1[prev]).masked_fill(base[r, k] < floor, float("-inf"))
+            expected = processed_probs(logits[None], *sampling)[0]
+            torch.testing.assert_close(probs[r, k], expected, rtol=1e-4, atol=1e-6)
+            assert torch.equal(probs[r, k] > 0, expected > 0), (r, k)  # the same kept set
+            drawn = int(sample_rows(probs[r, k][None], uniforms[r, k : k + 1])[0])
+            torch.testing.assert_close(embeddings[r, k], w1[prev])
+            prev = int(d2t[drawn])
+            assert int(tokens[r, k]) == prev, (r, k)
+
+
+@needs_kernel
+def test_markov_draw_mixes_greedy_and_sampled_rows() -> None:
+    """Each row follows its own temperature: the greedy row draws as it would alone, the sampled one as it
+    would alone, and only the sampled row carries a distribution."""
+    vocab, steps = 300, 5
+    inputs = _markov_inputs(vocab, 2, steps)
+    uniforms = torch.rand(2, steps, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    sampling = (torch.tensor([0.0, 0.8]), torch.tensor([0, 10]), torch.tensor([1.0, 0.9]))
+    tokens, _, probs = ops.markov_draw(*inputs, steps, 64, *sampling, uniforms)
+    alone = [tuple(x[i : i + 1] for x in inputs[:2]) + inputs[2:] for i in range(2)]
+    greedy = ops.markov_draw(*alone[0], steps, 64, *(x[:1] for x in sampling), uniforms[:1])
+    sampled = ops.markov_draw(*alone[1], steps, 64, *(x[1:] for x in sampling), uniforms[1:])
+    assert torch.equal(tokens[0], greedy[0][0]) and torch.equal(tokens[1], sampled[0][0])
+    assert not probs[0].any() and torch.equal(probs[1], sampled[2][0])

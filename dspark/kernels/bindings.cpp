@@ -22,5 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_attention", &ragged_attention, "append and attend a ragged batch of short blocks (fp32)");
   m.def("draft_layers", &draft_layers, "the DSpark drafter's layers and final norm over blocks (fp32)");
   m.def("draft_context_append", &draft_context_append, "a DSpark drafter's new context keys/values (fp32)");
-  m.def("markov_greedy", &markov_greedy, "the Markov head's greedy left-to-right draw (fp32)");
+  m.def("markov_draw", &markov_draw, "the Markov head's left-to-right draw, greedy or sampled (fp32)");
 }

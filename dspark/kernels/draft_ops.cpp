@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <vector>
@@ -221,27 +223,107 @@ inline float row_dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-// The Markov head's greedy draw, left to right: position k's token is the argmax of base[:, k] + W2 . W1[previous
-// token] (the first previous token is the anchor) over the draft tokens whose base logit is among the position's
-// `candidates` largest (ties at the last one kept; the first maximum wins, as torch.argmax). The transition bias
-// is computed for those rows of W2 only: the full-vocabulary matvec read all of W2 (4 MB at rank 256) per position
-// for a bias that almost never lifts a token from outside the backbone's top few hundred (model card).
-// base [R, S, V]; anchors [R] target ids; w1 [vocab, rank]; w2 [V, rank] fp32; draft_to_target [V]. Returns the
-// drawn target ids [R, steps] and the previous-token embeddings W1[x_{k-1}] [R, steps, rank] (the confidence
-// head's input).
-std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const torch::Tensor& anchors,
-                                         const torch::Tensor& w1, const torch::Tensor& w2,
-                                         const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates) {
+namespace {
+
+// One position's candidates: draft ids in ascending order and their logits base + W2 . W1[previous token].
+struct Candidates {
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+};
+
+// A sampled row's distribution over its candidates, as dspark/sampling.py `processed_probs` makes it of logits
+// that are -inf elsewhere: logits / T, top-k (ties with the k-th value kept), then top-p over what top-k kept (a
+// token goes when the mass at or below it in descending order, ties in index order, is <= 1 - top_p; the top
+// token always stays), then softmax. Writes probs into p [V] (already zero) at the kept ids.
+void filtered_probs(const Candidates& c, float temperature, int64_t top_k, float top_p, float* p,
+                    std::vector<int32_t>& order, std::vector<float>& scaled) {
+  const int64_t n = c.ids.size();
+  scaled.resize(n);
+  for (int64_t i = 0; i < n; ++i) scaled[i] = c.logits[i] / temperature;
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
+  // Candidates are in id order, so position order breaks ties as the id order does.
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return scaled[a] > scaled[b] || (scaled[a] == scaled[b] && a < b);
+  });
+  int64_t keep = n;
+  if (top_k > 0 && top_k < n) {
+    const float kth = scaled[order[top_k - 1]];
+    for (keep = top_k; keep < n && scaled[order[keep]] >= kth;) ++keep;
+  }
+  const float top = scaled[order[0]];
+  double mass = 0.0;
+  for (int64_t i = 0; i < keep; ++i) mass += std::exp(static_cast<double>(scaled[order[i]] - top));
+  if (top_p < 1.0f) {
+    double above = 0.0;
+    int64_t i = 0;
+    for (; i < keep; ++i) {
+      if (i > 0 && (mass - above) / mass <= 1.0 - static_cast<double>(top_p)) break;
+      above += std::exp(static_cast<double>(scaled[order[i]] - top));
+    }
+    keep = i;
+    mass = above;
+  }
+  for (int64_t i = 0; i < keep; ++i)
+    p[c.ids[order[i]]] = static_cast<float>(std::exp(static_cast<double>(scaled[order[i]] - top)) / mass);
+}
+
+// The first candidate whose cumulative probability (float64, id order) exceeds u * total: sampling.py
+// `sample_rows` on the whole row, whose other entries are zero.
+int64_t inverse_cdf(const Candidates& c, const float* p, double u) {
+  double total = 0.0;
+  for (const int32_t j : c.ids) total += p[j];
+  const double point = std::min(u * total, std::nextafter(total, 0.0));
+  double cdf = 0.0;
+  for (const int32_t j : c.ids)
+    if ((cdf += p[j]) > point) return j;
+  return c.ids.back();  // unreachable: point < total
+}
+
+}  // namespace
+
+// The Markov head's draw, left to right: position k's logits are base[:, k] + W2 . W1[previous token] (the first
+// previous token is the anchor) over the draft tokens whose base logit is among the position's `candidates`
+// largest (ties at the last one kept), -inf elsewhere, so only those rows of W2 are read: the full matvec read
+// all of W2 (4 MB at rank 256) per position for a bias that almost never lifts a token from outside the
+// backbone's top few hundred (model card). A greedy row (temperature <= 0) takes the first argmax. A sampled row
+// draws from temperature / top-k / top-p of those logits (`processed_probs`) by inverse CDF at uniforms[r, k]
+// (`sample_rows`), and returns that distribution: rejection sampling needs the one the token was drawn from,
+// whatever it is, to stay lossless.
+// base [R, S, V]; anchors [R] target ids; w1 [vocab, rank]; w2 [V, rank] fp32; draft_to_target [V]; temperature,
+// top_k, top_p [R]; uniforms [R, steps] float64. Returns the drawn target ids [R, steps], the previous-token
+// embeddings W1[x_{k-1}] [R, steps, rank] (the confidence head's input) and the sampled rows' draft distributions
+// [R, steps, V] (zeros for greedy rows; [0] when no row samples).
+std::vector<torch::Tensor> markov_draw(const torch::Tensor& base_in, const torch::Tensor& anchors,
+                                       const torch::Tensor& w1, const torch::Tensor& w2,
+                                       const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates,
+                                       const torch::Tensor& temperature, const torch::Tensor& top_k,
+                                       const torch::Tensor& top_p, const torch::Tensor& uniforms) {
   const torch::Tensor base = base_in.contiguous();
   const int64_t R = base.size(0), S = base.size(1), V = base.size(2), rank = w1.size(1);
   TORCH_CHECK(base.scalar_type() == torch::kFloat32 && steps <= S && anchors.size(0) == R &&
                   draft_to_target.size(0) == V && w1.is_contiguous() && w1.scalar_type() == torch::kFloat32 &&
                   w2.is_contiguous() && w2.scalar_type() == torch::kFloat32 && w2.size(0) == V &&
                   w2.size(1) == rank && candidates >= 1,
-              "inconsistent markov_greedy arguments");
+              "inconsistent markov_draw arguments");
   TORCH_CHECK(anchors.scalar_type() == torch::kInt64 && anchors.is_contiguous(), "anchors must be int64");
+  TORCH_CHECK(temperature.scalar_type() == torch::kFloat32 && temperature.numel() == R &&
+                  top_k.scalar_type() == torch::kInt64 && top_k.numel() == R &&
+                  top_p.scalar_type() == torch::kFloat32 && top_p.numel() == R &&
+                  uniforms.scalar_type() == torch::kFloat64 && uniforms.dim() == 2 && uniforms.size(0) == R &&
+                  uniforms.size(1) >= steps,
+              "markov_draw needs temperature / top_p float32, top_k int64 [R] and uniforms float64 [R, steps]");
+  const torch::Tensor temp = temperature.contiguous(), tk = top_k.contiguous(), tp = top_p.contiguous(),
+                      unif = uniforms.contiguous();
+  const float* T = temp.data_ptr<float>();
+  const int64_t* TK = tk.data_ptr<int64_t>();
+  const float* TP = tp.data_ptr<float>();
+  const double* U = unif.data_ptr<double>();
+  bool any_sampled = false;
+  for (int64_t r = 0; r < R; ++r) any_sampled |= T[r] > 0;
   torch::Tensor tokens = torch::empty({R, steps}, anchors.options());
   torch::Tensor embeddings = torch::empty({R, steps, rank}, base.options());
+  torch::Tensor probs = any_sampled ? torch::zeros({R, steps, V}, base.options()) : torch::empty({0}, base.options());
   const float* B = base.data_ptr<float>();
   const float* W1 = w1.data_ptr<float>();
   const float* W2 = w2.data_ptr<float>();
@@ -251,6 +333,7 @@ std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const tor
     TORCH_CHECK(anchor[r] >= 0 && anchor[r] < w1.size(0), "anchor id ", anchor[r], " outside the vocabulary");
   int64_t* out = tokens.data_ptr<int64_t>();
   float* E = embeddings.data_ptr<float>();
+  float* P = any_sampled ? probs.data_ptr<float>() : nullptr;
   // The candidates depend on the base logits only: every position's floor first, in parallel; then each
   // request's chain on its own thread.
   std::vector<float> floors(R * steps, -INFINITY);
@@ -261,6 +344,9 @@ std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const tor
         floors[i] = kth_largest(B + ((i / steps) * S + i % steps) * V, V, candidates, scratch);
     });
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    Candidates c;
+    std::vector<int32_t> order;
+    std::vector<float> scaled;
     for (int64_t r = begin; r < end; ++r) {
       int64_t prev = anchor[r];
       for (int64_t k = 0; k < steps; ++k) {
@@ -268,17 +354,24 @@ std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base_in, const tor
         const float* e = W1 + prev * rank;
         std::copy(e, e + rank, E + (r * steps + k) * rank);
         const float floor = floors[r * steps + k];
+        c.ids.clear();
+        c.logits.clear();
+        for (int64_t j = 0; j < V; ++j)
+          if (b[j] >= floor) c.ids.push_back(static_cast<int32_t>(j)), c.logits.push_back(b[j] + row_dot(W2 + j * rank, e, rank));
+        TORCH_CHECK(!c.ids.empty(), "no finite base logit to draw from");
         int64_t best = -1;
-        float best_value = -INFINITY;
-        for (int64_t j = 0; j < V; ++j) {
-          if (!(b[j] >= floor)) continue;
-          const float value = b[j] + row_dot(W2 + j * rank, e, rank);
-          if (best < 0 || value > best_value) best_value = value, best = j;
+        if (T[r] > 0) {
+          float* p = P + (r * steps + k) * V;
+          filtered_probs(c, T[r], TK[r], TP[r], p, order, scaled);
+          best = inverse_cdf(c, p, U[r * unif.size(1) + k]);
+        } else {
+          float best_value = -INFINITY;
+          for (size_t i = 0; i < c.ids.size(); ++i)
+            if (best < 0 || c.logits[i] > best_value) best_value = c.logits[i], best = c.ids[i];
         }
-        TORCH_CHECK(best >= 0, "no finite base logit to draw from");
         out[r * steps + k] = prev = d2t[best];
       }
     }
   });
-  return {tokens, embeddings};
+  return {tokens, embeddings, probs};
 }

@@ -24,6 +24,8 @@ void draft_context_append(const torch::Tensor& features, const torch::Tensor& co
                           const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& kinds,
                           std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, int64_t start,
                           double eps);
-std::vector<torch::Tensor> markov_greedy(const torch::Tensor& base, const torch::Tensor& anchors,
-                                         const torch::Tensor& w1, const torch::Tensor& w2,
-                                         const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates);
+std::vector<torch::Tensor> markov_draw(const torch::Tensor& base, const torch::Tensor& anchors,
+                                       const torch::Tensor& w1, const torch::Tensor& w2,
+                                       const torch::Tensor& draft_to_target, int64_t steps, int64_t candidates,
+                                       const torch::Tensor& temperature, const torch::Tensor& top_k,
+                                       const torch::Tensor& top_p, const torch::Tensor& uniforms);

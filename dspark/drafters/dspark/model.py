@@ -36,8 +36,9 @@ from dspark.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 ARCHITECTURE = "Qwen3DSparkModel"
 VLLM_DEFAULT_ROPE_THETA = 1e6  # what vLLM assumes when a drafter's config.json names no rope theta
-# Greedy draft tokens are chosen among each position's this many best base logits (`greedy_candidates`).
-GREEDY_CANDIDATES = 256
+# Draft tokens, greedy or sampled, are drawn among each position's this many best base logits
+# (`draw_candidates`).
+DRAW_CANDIDATES = 256
 
 
 class DrafterConfigError(ValueError):
@@ -428,15 +429,17 @@ class MarkovHead(nn.Module):
         nn.init.zeros_(self.markov_w2.weight)  # training starts from the parallel drafter
 
 
-def greedy_candidates(base: torch.Tensor) -> torch.Tensor | None:
-    """Which draft tokens a greedy draw may choose at each position of base logits [..., V]: those whose base
-    logit is among the GREEDY_CANDIDATES largest (ties at the last kept), or None when that is all of them.
-    The Markov bias then needs only those rows of W2 (the native draw computes no other): on the shipped
-    drafter's held-out blocks the unrestricted greedy token is in this set 99% of the time (model card), and a
-    draft is only a proposal, so the output stays the target's."""
-    if base.shape[-1] <= GREEDY_CANDIDATES:
+def draw_candidates(base: torch.Tensor) -> torch.Tensor | None:
+    """Which draft tokens a draw may choose at each position of base logits [..., V]: those whose base logit
+    is among the DRAW_CANDIDATES largest (ties at the last kept), or None when that is all of them. The Markov
+    bias then needs only those rows of W2 (the native draw computes no other): on the shipped drafter's
+    held-out blocks the unrestricted greedy token is in this set 99% of the time (model card). A draft is
+    only a proposal, so greedy output stays the target's; a sampled draft's distribution is the filtered
+    softmax over this set, and rejection sampling against exactly that distribution keeps sampling
+    lossless."""
+    if base.shape[-1] <= DRAW_CANDIDATES:
         return None
-    return base >= base.topk(GREEDY_CANDIDATES, dim=-1).values[..., -1:]
+    return base >= base.topk(DRAW_CANDIDATES, dim=-1).values[..., -1:]
 
 
 class ConfidenceHead(nn.Module):
@@ -448,7 +451,7 @@ class ConfidenceHead(nn.Module):
 
 class FusedDraft:
     """A packed drafter's inference in three native calls (dspark/kernels/draft_ops.cpp): the block layers,
-    the context append and the greedy Markov draw. Same weights, kernels and arithmetic as the PyTorch path
+    the context append and the Markov draw. Same weights, kernels and arithmetic as the PyTorch path
     (`draft_hidden` and friends without it), without its ~600 small ops per call, which cost more than the
     matmuls (a draft block is only 7 rows per request)."""
 
@@ -500,11 +503,24 @@ class FusedDraft:
         for buffer in buffers:
             buffer.length = end
 
-    def markov_greedy(self, base: torch.Tensor, anchors: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Greedy draws (target ids [requests, steps]) and their previous tokens' W1 rows, by the rule of
-        `greedy_candidates`."""
-        w1, w2, d2t = self.w1, self.w2, self.draft_to_target
-        return self.native.markov_greedy(base, anchors, w1, w2, d2t, steps, GREEDY_CANDIDATES)
+    def markov_draw(
+        self,
+        base: torch.Tensor,
+        anchors: torch.Tensor,
+        steps: int,
+        sampling: tuple[torch.Tensor, ...],
+        uniforms: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Draws (target ids [requests, steps]), their previous tokens' W1 rows, and the sampled rows' draft
+        distributions ([requests, steps, draft vocab], zeros for greedy rows; empty when none samples), among
+        `draw_candidates`: greedy rows by argmax, sampled rows as `processed_probs` and `sample_rows` make
+        them (sampling: per-row temperature, top_k, top_p; uniforms: float64 [requests, steps])."""
+        temperature, top_k, top_p = sampling
+        return self.native.markov_draw(
+            base, anchors, self.w1, self.w2, self.draft_to_target, steps, DRAW_CANDIDATES,
+            temperature.float().contiguous(), top_k.long().contiguous(), top_p.float().contiguous(),
+            uniforms.double().contiguous(),
+        )  # fmt: skip
 
 
 class DSparkDrafter(nn.Module):

@@ -17,7 +17,7 @@ import torch
 
 from dspark.drafters.dspark.calibration import Calibration
 from dspark.drafters.dspark.checkpoint import load_calibration, load_drafter
-from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter, greedy_candidates
+from dspark.drafters.dspark.model import ContextBuffer, DSparkDrafter, draw_candidates
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Draft, DraftRequest, Proposer
 from dspark.sampling import params_tensors, processed_probs, row_uniforms, sample_rows
@@ -135,40 +135,14 @@ class DSparkProposer(Proposer):
         d = self.drafter
         params = [r.params for r in requests]
         greedy = [p.greedy for p in params]
-        if all(greedy) and d.fused is not None and d.confidence_head is not None:
-            drawn, embeddings = d.fused.markov_greedy(base, anchors, steps)
+        sampling = params_tensors(params, [1] * len(requests))
+        uniforms = self._uniforms(requests, greedy, steps)
+        if d.fused is not None and d.confidence_head is not None:
+            drawn, embeddings, dists = d.fused.markov_draw(base, anchors, steps, sampling, uniforms)
             confidences = self._confidences(hidden[:, :steps], embeddings, greedy)
-            token_ids = drawn.tolist()
-            return [Draft(tokens=token_ids[i][: max_lens[i]], confidences=confidences[i, : max_lens[i]])
-                    for i in range(len(requests))]  # fmt: skip
-        sampling = None if all(greedy) else params_tensors(params, [1] * len(requests))
-        # greedy draws pick among these; sampled ones anywhere
-        allowed = greedy_candidates(base[:, :steps]) if any(greedy) else None
-        tokens, probs, embeddings, top_probs = [], [], [], []
-        prev = anchors
-        for k in range(steps):
-            prev_embedding = d.markov_embedding(prev)
-            logits = base[:, k] + d.transition_bias(prev_embedding)
-            greedy_logits = logits if allowed is None else logits.masked_fill(~allowed[:, k], float("-inf"))
-            if all(greedy):  # argmax over the draft vocabulary: no vocabulary-wide distribution needed
-                dist, drawn = None, greedy_logits.argmax(-1)
-            else:
-                # Over the draft vocabulary: the target's other tokens have probability 0, so temperature,
-                # top-k and top-p give what they give over the whole vocabulary, from 6x fewer logits.
-                dist = processed_probs(logits, *sampling)
-                drawn = self._draw(greedy_logits, dist, requests, greedy)
-            prev = self.draft_to_target[drawn]
-            if d.confidence_head is None:  # no confidence head: the draft's own probability stands in
-                top_probs.append(torch.softmax(logits.float(), -1).max(-1).values)
-            tokens.append(prev)
-            probs.append(dist)
-            embeddings.append(prev_embedding)
-        token_ids = torch.stack(tokens, 1).tolist()
-        if top_probs:
-            confidences = torch.stack(top_probs, 1)
         else:
-            confidences = self._confidences(hidden[:, :steps], torch.stack(embeddings, 1), greedy)
-        dists = None if all(greedy) else torch.stack(probs, 1)  # [requests, steps, draft vocab]
+            drawn, dists, confidences = self._draw_in_python(anchors, hidden, base, steps, sampling, uniforms)
+        token_ids = drawn.tolist()
         return [
             Draft(
                 tokens=token_ids[i][: max_lens[i]],
@@ -177,6 +151,49 @@ class DSparkProposer(Proposer):
             )
             for i in range(len(requests))
         ]
+
+    @staticmethod
+    def _uniforms(requests, greedy: list[bool], steps: int) -> torch.Tensor:
+        """float64 [requests, steps]: the sampled requests' draws (seeded ones from their generators), 0 for
+        greedy requests (they consume no randomness)."""
+        u = torch.zeros(len(requests), steps, dtype=torch.float64)
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:
+            generators = [requests[i].generator for i in sampled]
+            u[sampled] = row_uniforms(len(sampled), generators, columns=steps).double()
+        return u
+
+    def _draw_in_python(self, anchors, hidden, base, steps: int, sampling, uniforms: torch.Tensor):
+        """`FusedDraft.markov_draw` in PyTorch ops (no native kernels, or no confidence head), plus the
+        confidences: (target ids [requests, steps], draft distributions or None, confidences)."""
+        d = self.drafter
+        greedy = sampling[0] <= 0
+        allowed = draw_candidates(base[:, :steps])  # every draw picks among these
+        tokens, probs, embeddings, top_probs = [], [], [], []
+        prev = anchors
+        for k in range(steps):
+            prev_embedding = d.markov_embedding(prev)
+            logits = base[:, k] + d.transition_bias(prev_embedding)
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed[:, k], float("-inf"))
+            drawn, dist = logits.argmax(-1), None
+            if not bool(greedy.all()):
+                # Over the draft vocabulary: the target's other tokens have probability 0, so temperature,
+                # top-k and top-p give what they give over the whole vocabulary, from 6x fewer logits.
+                dist = processed_probs(logits, *sampling)
+                drawn = torch.where(greedy, drawn, sample_rows(dist, uniforms[:, k]))
+            prev = self.draft_to_target[drawn]
+            if d.confidence_head is None:  # no confidence head: the draft's own probability stands in
+                top_probs.append(torch.softmax(logits.float(), -1).max(-1).values)
+            tokens.append(prev)
+            probs.append(dist)
+            embeddings.append(prev_embedding)
+        if top_probs:
+            confidences = torch.stack(top_probs, 1)
+        else:
+            confidences = self._confidences(hidden[:, :steps], torch.stack(embeddings, 1), greedy.tolist())
+        dists = None if bool(greedy.all()) else torch.stack(probs, 1)  # [requests, steps, draft vocab]
+        return torch.stack(tokens, 1), dists, confidences
 
     def _confidences(self, hidden: torch.Tensor, embeddings: torch.Tensor, greedy: list[bool]):
         """[requests, steps] calibrated confidences (each request's greedy or sampled scalings)."""
@@ -196,14 +213,3 @@ class DSparkProposer(Proposer):
         full = probs.new_zeros((len(probs), self.drafter.cfg.vocab_size))
         full[:, self.draft_to_target] = probs
         return full
-
-    def _draw(self, greedy_logits: torch.Tensor, dist: torch.Tensor, requests, greedy: list[bool]):
-        """Draft-vocabulary ids: greedy requests' argmax (of logits restricted to their candidates), sampled
-        requests' draws from `dist`."""
-        drawn = greedy_logits.argmax(-1)
-        sampled = [i for i, g in enumerate(greedy) if not g]
-        if sampled:
-            rows = torch.tensor(sampled)
-            u = row_uniforms(len(sampled), [requests[i].generator for i in sampled])
-            drawn[rows] = sample_rows(dist[rows], u)
-        return drawn
