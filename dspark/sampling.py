@@ -68,12 +68,13 @@ def _filter_sorted(sorted_logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tenso
 
 def _kept_among_largest(
     scaled: Tensor, top_k: Tensor, top_p: Tensor, needs_filter: Tensor, size: int = FILTER_CANDIDATES
-) -> Tensor | None:
+) -> tuple[Tensor, Tensor]:
     """Which tokens top-k then top-p keep ([N, V] bool, `_filter_sorted`'s rule), decided from each row's
-    `size` largest logits; None when a filtered row may keep a token past them (only a full sort decides)."""
+    `size` largest logits, and which rows that decides ([N] bool): a filtered row that may keep a token past
+    them is left to a full sort (its kept row here means nothing)."""
     vocab = scaled.shape[-1]
     if size >= vocab:
-        return None
+        return torch.ones_like(scaled, dtype=torch.bool), ~needs_filter
     values, order = scaled.topk(size + 1, dim=-1)  # descending
     head, beyond = values[:, :size], values[:, size]
     by_k = top_k > 0
@@ -89,10 +90,21 @@ def _kept_among_largest(
     mass_below = probs.flip(-1).cumsum(-1).flip(-1) + tail[:, None]
     keep_head = (mass_below > (1 - top_p)[:, None]) & (head > float("-inf"))
     p_inside = tail <= 1 - top_p
-    if not bool((k_inside & p_inside | ~needs_filter).all()):
-        return None
     kept = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, order[:, :size], keep_head)
-    return kept | ~needs_filter[:, None]
+    return kept | ~needs_filter[:, None], k_inside & p_inside | ~needs_filter
+
+
+def _filtered(scaled: Tensor, top_k: Tensor, top_p: Tensor, needs_filter: Tensor) -> Tensor:
+    """Scaled logits with what top-k then top-p drop set to -inf: each row decided among its few hundred
+    largest logits where that suffices, the others (rows that keep tokens past them) by a sort of their own."""
+    kept, decided = _kept_among_largest(scaled, top_k, top_p, needs_filter)
+    out = scaled.masked_fill(~kept, -float("inf"))
+    rest = (~decided).nonzero().squeeze(-1)
+    if len(rest):  # one flat row must not cost every row of the batch a vocabulary sort
+        sorted_logits, order = scaled[rest].sort(dim=-1, descending=True, stable=True)
+        filtered = _filter_sorted(sorted_logits, top_k[rest], top_p[rest])
+        out[rest] = torch.empty_like(sorted_logits).scatter_(-1, order, filtered)
+    return out
 
 
 def processed_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -101,14 +113,8 @@ def processed_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: T
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature.float())[:, None]
     needs_filter = ((top_k > 0) | (top_p < 1)) & ~greedy
-    if bool(needs_filter.any()):  # skip the vocab sort in the common plain-temperature case
-        kept = _kept_among_largest(scaled, top_k, top_p.float(), needs_filter)
-        if kept is not None:
-            scaled = scaled.masked_fill(~kept, -float("inf"))
-        else:  # a row keeps tokens past its few hundred largest logits: sort the whole vocabulary
-            sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-            filtered = _filter_sorted(sorted_logits, top_k, top_p.float())
-            scaled = torch.empty_like(scaled).scatter_(-1, order, filtered)
+    if bool(needs_filter.any()):  # skip the filters in the common plain-temperature case
+        scaled = _filtered(scaled, top_k, top_p.float(), needs_filter)
     probs = scaled.softmax(-1)
     if not bool(greedy.any()):
         return probs

@@ -69,11 +69,28 @@ def test_matches_hf_warpers_over_the_targets_vocabulary(scale: float, shortcut: 
     temperature, top_k, top_p = (torch.tensor(col) for col in zip(*rows, strict=True))
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     needs_filter = ((top_k > 0) | (top_p < 1)) & (temperature > 0)
-    assert (_kept_among_largest(scaled, top_k, top_p, needs_filter) is not None) == shortcut
+    _, decided = _kept_among_largest(scaled, top_k, top_p, needs_filter)
+    assert bool(decided.all()) == shortcut
     out = processed_probs(logits, temperature, top_k, top_p)
     ref = torch.stack([hf_reference(logits[i], *rows[i]) for i in range(n)])
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     assert ((out > 0).sum(-1)[needs_filter] < vocab).all()  # every filtered row lost tokens
+
+
+def test_flat_rows_are_sorted_alone_and_every_row_matches_hf():
+    """A batch of peaked and flat rows: the peaked ones are decided among their largest logits, the flat ones
+    by a sort of their own, and all agree with HF's warpers."""
+    gen = torch.Generator().manual_seed(5)
+    n, vocab = 8, 49152
+    scale = torch.tensor([12.0, 0.5] * (n // 2))[:, None]
+    logits = torch.randn(n, vocab, generator=gen) * scale
+    rows = [(1.0, 0, 0.95)] * n
+    temperature, top_k, top_p = (torch.tensor(col) for col in zip(*rows, strict=True))
+    _, decided = _kept_among_largest(logits, top_k, top_p, torch.ones(n, dtype=torch.bool))
+    assert decided.tolist() == [True, False] * (n // 2)
+    out = processed_probs(logits, temperature, top_k, top_p)
+    ref = torch.stack([hf_reference(logits[i], *rows[i]) for i in range(n)])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_top_k_ties_past_the_candidates_go_to_the_sort():

@@ -66,6 +66,25 @@ def test_sampled_draft_calls_cost_what_the_profile_measured_for_them():
     assert not plausibility(sampled.model_copy(update={"sampled_draft_ms": [4.0]})).ok
 
 
+def test_sampled_steps_pay_for_every_row_they_verify():
+    """A step in which a request samples pays `sampled_row_ms` per row (the target's filtered distribution is
+    computed for each), so a long sampled verification costs more than a greedy one of the same length, and
+    the scheduler verifies less for sampling requests when rows are dear."""
+    profile = _profile([[10.0, 12.0, 30.0], [20.0, 40.0, 100.0]], draft_ms=[1.0, 3.0])
+    rows = profile.model_copy(update={"sampled_row_ms": 0.5})
+    assert rows.step_seconds(1, 2, sampled=True) == pytest.approx(0.013 + 0.001)
+    assert rows.step_seconds(1, 2) == pytest.approx(0.013)
+    assert rows.steps_per_second(4, sampled=True)(8) == pytest.approx(1 / (0.043 + 0.004))
+    step = rows.step_seconds(4, 8, sampled=True)
+    assert rows.steps_per_second(4, sampled=True)(8) == pytest.approx(1 / step)
+    assert not plausibility(rows.model_copy(update={"sampled_row_ms": -1.0})).ok
+    # one draft token at 0.2: 1.2 tokens in 13 ms beats 1 in 11 ms; with 5 ms rows, 1.2 in 23 loses to 1 in 16
+    confidences, shape = [np.array([0.2, 0.1])], StepShape(1, 1, 1, sampled=True)
+    dear = profile.model_copy(update={"sampled_row_ms": 5.0})
+    assert ScheduledVerification(profile, draft_gate=False).lengths(confidences, shape) == [1]
+    assert ScheduledVerification(dear, draft_gate=False).lengths(confidences, shape) == [0]
+
+
 def test_profile_curve_matches_interpolating_tokens_first():
     """The scheduler's fast curve (requests interpolated first, once per step) against the definition:
     interpolate each profiled request count's row over tokens, then across log(requests)."""

@@ -38,7 +38,7 @@ from dspark.models.linear import Linear
 from dspark.models.llama import Transformer
 from dspark.proposers.base import Proposer
 from dspark.runtime import cache_root
-from dspark.sampling import SamplingParams
+from dspark.sampling import SamplingParams, params_tensors, processed_probs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 12  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 13  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -65,6 +65,10 @@ class CostProfile(BaseModel):
     # The same for sampled requests (temperature, top-p): a drafter draws them through its distribution, which
     # costs more than a greedy argmax. Empty: as greedy.
     sampled_draft_ms: list[float] = []
+    # What each row of a step adds when a request in it samples: the target's distribution after temperature
+    # and top-p over its whole vocabulary, for every row (the rejection test reads them); a greedy step reads
+    # argmaxes. Per row, so a long sampled verification pays for its rows.
+    sampled_row_ms: float = 0.0
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
 
@@ -103,7 +107,12 @@ class CostProfile(BaseModel):
         """A step's time; the draft call served `drafted` of the requests (None: all of them), `sampled`:
         some of them sample."""
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
-        return draft + self.target_seconds(num_requests, num_tokens) + self.prefill_seconds(prefill_tokens)
+        target = self.target_seconds(num_requests, num_tokens) + self.sampling_seconds(num_tokens, sampled)
+        return draft + target + self.prefill_seconds(prefill_tokens)
+
+    def sampling_seconds(self, num_tokens: int, sampled: bool) -> float:
+        """What the rows of a step add when some request in it samples."""
+        return self.sampled_row_ms * num_tokens / 1000 if sampled else 0.0
 
     def steps_per_second(
         self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0, sampled: bool = False
@@ -115,8 +124,10 @@ class CostProfile(BaseModel):
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
         fixed_ms = 1000 * (draft + self.prefill_seconds(prefill_tokens))
         curve, grid = self._target_curve(num_requests), self.tokens_per_request
-        requests = max(num_requests, 1)
-        return lambda num_tokens: 1000 / (fixed_ms + _interp_extrapolated(num_tokens / requests, grid, curve))
+        requests, row_ms = max(num_requests, 1), self.sampled_row_ms if sampled else 0.0
+        return lambda num_tokens: (
+            1000 / (fixed_ms + row_ms * num_tokens + _interp_extrapolated(num_tokens / requests, grid, curve))
+        )
 
     def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
         """Interpolate in log(requests); beyond the largest profiled count, scale linearly."""
@@ -194,6 +205,9 @@ def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> 
     found._monotone(profile.draft_ms, [f"{n} requests" for n in counts], "draft call")
     if profile.sampled_draft_ms:
         found._monotone(profile.sampled_draft_ms, [f"{n} requests" for n in counts], "sampled draft call")
+    if not (math.isfinite(profile.sampled_row_ms) and profile.sampled_row_ms >= 0):
+        found.problems.append(f"sampled rows: {profile.sampled_row_ms} ms is not a duration")
+        found.score += 1.0
     if reference is not None and _same_shapes(profile, reference):
         now = [v for row in profile.target_ms for v in row] + list(profile.prefill_ms)
         before = [v for row in reference.target_ms for v in row] + list(reference.prefill_ms)
@@ -380,6 +394,23 @@ def profile_proposer(
             proposer.release(r)
 
 
+SAMPLED_ROWS = 8  # rows of the largest sampled step timed: one request verifying a 7-token draft
+
+
+def profile_sampled_rows(vocab_size: int) -> Generator[None, None, float]:
+    """Median ms per row of `processed_probs` with PROFILE_SAMPLING over the target's vocabulary: the slope
+    between one row and SAMPLED_ROWS. The logits are peaked, as a chat model's mostly are: on real answers
+    top-p 0.9 keeps tokens among each row's few hundred largest logits, where the filters are decided without
+    a vocabulary sort (dspark/sampling.py)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(SAMPLED_ROWS, vocab_size, generator=gen) * 12
+    params = {n: params_tensors([PROFILE_SAMPLING], [n]) for n in (1, SAMPLED_ROWS)}
+    ms = yield from _interleaved_medians(
+        {n: lambda n=n: processed_probs(logits[:n], *params[n]) for n in (1, SAMPLED_ROWS)}
+    )
+    return round(max(ms[SAMPLED_ROWS] - ms[1], 0.0) / (SAMPLED_ROWS - 1), 4)
+
+
 def _measure(
     model: Transformer, proposer: Proposer | None, counts: list[int], grid: list[int], length: int, key: str
 ) -> Generator[None, None, CostProfile]:
@@ -390,6 +421,7 @@ def _measure(
         target_ms=(yield from profile_target(model, counts, grid)),
         draft_ms=(yield from profile_proposer(proposer, model, counts, length)),
         sampled_draft_ms=(yield from profile_proposer(proposer, model, counts, length, PROFILE_SAMPLING)),
+        sampled_row_ms=(yield from profile_sampled_rows(model.cfg.vocab_size)),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=(yield from profile_prefill(model)),
     )
@@ -418,6 +450,7 @@ class ProfileMeasurement:
         counts, grid = request_counts(max_requests), tokens_grid(num_speculative_tokens)
         self.runs_per_attempt = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
         self.runs_per_attempt += 2 * ROUNDS * len(counts) if proposer is not None else 0  # greedy, sampled
+        self.runs_per_attempt += 2 * ROUNDS  # sampled rows: 1 and SAMPLED_ROWS
         self.total_runs = self.runs_per_attempt
         self.path = path
         self.reference = reference
@@ -551,5 +584,6 @@ def _describe(profile: CostProfile) -> str:
         f"{profile.requests[-1]} requests x 1 token {profile.target_ms[-1][0]} ms; "
         f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))} "
         f"(sampled {dict(zip(profile.requests, profile.sampled_draft_ms, strict=False))}); "
+        f"sampled rows {profile.sampled_row_ms} ms each; "
         f"prefill ms by chunk {dict(zip(profile.prefill_tokens, profile.prefill_ms, strict=True))}"
     )

@@ -243,8 +243,8 @@ class ScheduledVerification:
 
     def _rate(self, drafts: Sequence[np.ndarray], shape: StepShape) -> float:
         """Expected tokens/s of the step verifying what the scheduler admits of `drafts` (none: plain)."""
-        if not any(len(c) for c in drafts):
-            sps = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens)
+        if not any(len(c) for c in drafts):  # no draft call; sampling requests still pay for their rows
+            sps = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens, shape.sampled)
             return shape.num_outputs * sps(shape.num_tokens)
         sps = self.profile.steps_per_second(
             shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled

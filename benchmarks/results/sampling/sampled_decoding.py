@@ -1,5 +1,6 @@
-"""Sampled decoding, batch 1: tokens/s of plain decoding and of the drafter, greedy and sampled, on held-out dev
-prompts (medians over prompts). Run from the repository root:
+"""Sampled decoding, batch 1: tokens/s of plain decoding and of the drafter, greedy and sampled, on held-out
+dev prompts (medians over prompts, and medians of per-prompt ratios to plain decoding; the methods run back to
+back on each prompt). Run from the repository root:
 
     .venv/bin/python benchmarks/results/sampling/sampled_decoding.py OUT.json [NUM_PROMPTS]
 
@@ -23,21 +24,38 @@ out_path, num_prompts = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 
 model, tokenizer = load_transformer("default"), load_tokenizer("default")
 prompts = load_prompts(None, limit=40 + num_prompts, skip=40)[:num_prompts]  # after the tuned-on 40
 SAMPLINGS = {"greedy": {}, "t0.8_top_p0.9": {"temperature": 0.8, "top_p": 0.9}}
-METHODS = {"plain": ("none", "fixed"), "dspark_fixed": ("dspark", "fixed"), "dspark_scheduler": ("dspark", "scheduler")}
+METHODS = {
+    "plain": ("none", "fixed"),
+    "dspark_fixed": ("dspark", "fixed"),
+    "dspark_scheduler": ("dspark", "scheduler"),
+}
+# All engines first, then every method on each prompt back to back: this machine's speed drifts by tens of
+# percent over minutes, so a method run after another on all prompts would be judged on a different machine.
+engines = {
+    method: build_engine(
+        EngineConfig(proposer=proposer, verification={"policy": policy}), model=model, tokenizer=tokenizer
+    )
+    for method, (proposer, policy) in METHODS.items()
+}
 rates: dict[str, list[float]] = {}
-for method, (proposer, policy) in METHODS.items():
-    engine = build_engine(EngineConfig(proposer=proposer, verification={"policy": policy}), model=model,
-                          tokenizer=tokenizer)  # fmt: skip
+for i, prompt in enumerate(prompts):
     for label, sampling in SAMPLINGS.items():
-        key = f"{method}/{label}"
-        for i, prompt in enumerate(prompts):
+        params = SamplingParams(max_tokens=128, ignore_eos=True, seed=i, **sampling)
+        for method, engine in engines.items():
             ids = engine.encode_prompt(messages=[{"role": "user", "content": prompt.turns[0]}])
-            params = SamplingParams(max_tokens=128, ignore_eos=True, seed=i, **sampling)
             began = time.perf_counter()
             tokens = sum(len(o.token_ids) for o in engine.stream(ids, params))
-            rates.setdefault(key, []).append(tokens / (time.perf_counter() - began))
-        print(key, round(statistics.median(rates[key]), 1), "tok/s", flush=True)
+            rates.setdefault(f"{method}/{label}", []).append(tokens / (time.perf_counter() - began))
+    print(f"prompt {i + 1}/{num_prompts}", flush=True)
 medians = {key: round(statistics.median(values), 2) for key, values in rates.items()}
+vs_plain = {
+    key: round(
+        statistics.median(r / p for r, p in zip(values, rates["plain/" + key.split("/")[1]], strict=True)), 3
+    )
+    for key, values in rates.items()
+    if not key.startswith("plain/")
+}
+print("median tok/s", medians, "\nmedian per-prompt ratio to plain (same sampling)", vs_plain)
 with open(out_path, "w") as f:
-    json.dump({"num_prompts": num_prompts, "max_tokens": 128, "median_tokens_per_s": medians, "per_prompt": rates},
-              f, indent=1)  # fmt: skip
+    json.dump({"num_prompts": num_prompts, "max_tokens": 128, "median_tokens_per_s": medians,
+               "median_ratio_to_plain": vs_plain, "per_prompt": rates}, f, indent=1)  # fmt: skip
