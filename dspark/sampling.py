@@ -96,7 +96,8 @@ def _kept_among_largest(
 
 def _filtered(scaled: Tensor, top_k: Tensor, top_p: Tensor, needs_filter: Tensor) -> Tensor:
     """Scaled logits with what top-k then top-p drop set to -inf: each row decided among its few hundred
-    largest logits where that suffices, the others (rows that keep tokens past them) by a sort of their own."""
+    largest logits where that suffices, the others (rows that keep tokens past them) by a sort of their
+    own."""
     kept, decided = _kept_among_largest(scaled, top_k, top_p, needs_filter)
     out = scaled.masked_fill(~kept, -float("inf"))
     rest = (~decided).nonzero().squeeze(-1)

@@ -186,4 +186,5 @@ def test_row_uniforms_of_seeded_rows_come_from_their_own_generator():
     assert a[1] == b[0] == torch.rand(1, generator=torch.Generator().manual_seed(7))[0]
     block = row_uniforms(2, [None, torch.Generator().manual_seed(7)], columns=5)
     g = torch.Generator().manual_seed(7)  # a row's columns are that many single draws of its generator
-    assert block.shape == (2, 5) and block[1].tolist() == [torch.rand(1, generator=g).item() for _ in range(5)]
+    assert block.shape == (2, 5)
+    assert block[1].tolist() == [torch.rand(1, generator=g).item() for _ in range(5)]
