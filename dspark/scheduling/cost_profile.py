@@ -39,6 +39,7 @@ from dspark.models.llama import Transformer
 from dspark.proposers.base import Proposer
 from dspark.runtime import cache_root
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
+from dspark.verify.rejection import verify
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 14  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 15  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -66,8 +67,8 @@ class CostProfile(BaseModel):
     # costs more than a greedy argmax. Empty: as greedy.
     sampled_draft_ms: list[float] = []
     # What each row of a step adds when a request in it samples: the target's distribution after temperature
-    # and top-p over its whole vocabulary, for every row (the rejection test reads them); a greedy step reads
-    # argmaxes. Per row, so a long sampled verification pays for its rows.
+    # and top-p over its whole vocabulary, for every row, and the rejection test that reads them; a greedy
+    # step reads argmaxes. Per row, so a long sampled verification pays for its rows.
     sampled_row_ms: float = 0.0
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
@@ -398,20 +399,27 @@ SAMPLED_ROWS = 8  # rows of the largest sampled step timed: one request verifyin
 
 
 def profile_sampled_rows(vocab_size: int) -> Generator[None, None, float]:
-    """Median ms per row of `processed_probs` with PROFILE_SAMPLING over the target's vocabulary: the slope
-    between one row and SAMPLED_ROWS. The logits are peaked, as a chat model's mostly are: on real answers
-    top-p 0.9 keeps tokens among each row's few hundred largest logits, where the filters are decided without
-    a vocabulary sort (dspark/sampling.py). Filler logits spread as SmolLM2's do on a chat answer (standard
-    deviation ~4) with a few tokens far ahead cost per row what real ones do (0.18 against 0.15 ms; a wider
-    spread, 0.32)."""
+    """Median ms per row of a sampled step's verification work over the target's vocabulary: each row's
+    distribution (`processed_probs` with PROFILE_SAMPLING) and the rejection test of a draft with its own
+    distributions (`verify`); the slope between one row (no draft) and SAMPLED_ROWS. The logits are peaked, as
+    a chat model's mostly are: on real answers top-p 0.9 keeps tokens among each row's few hundred largest
+    logits, where the filters are decided without a vocabulary sort (dspark/sampling.py). Filler logits
+    spread as SmolLM2's do on a chat answer (standard deviation ~4) with a few tokens far ahead cost per row
+    what real ones do (0.18 against 0.15 ms for the filter; a wider spread, 0.32)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(SAMPLED_ROWS, vocab_size, generator=gen) * 4
     logits[:, :16] += 15
+    draft_probs = torch.softmax(torch.randn(SAMPLED_ROWS - 1, vocab_size, generator=gen) * 4, -1)
+    draft_tokens = torch.randint(0, 16, (SAMPLED_ROWS - 1,), generator=gen)
     params = {n: params_tensors([PROFILE_SAMPLING], [n]) for n in (1, SAMPLED_ROWS)}
-    processed_probs(logits, *params[SAMPLED_ROWS])  # warm-up: the first call allocates
-    ms = yield from _interleaved_medians(
-        {n: lambda n=n: processed_probs(logits[:n], *params[n]) for n in (1, SAMPLED_ROWS)}
-    )
+
+    def verification(n: int) -> None:
+        probs = processed_probs(logits[:n], *params[n])
+        drafts = draft_probs[: n - 1] if n > 1 else None
+        verify(probs, draft_tokens[: n - 1], [n - 1], drafts, [False], [None])
+
+    verification(SAMPLED_ROWS)  # warm-up: the first call allocates
+    ms = yield from _interleaved_medians({n: lambda n=n: verification(n) for n in (1, SAMPLED_ROWS)})
     return round(max(ms[SAMPLED_ROWS] - ms[1], 0.0) / (SAMPLED_ROWS - 1), 4)
 
 
