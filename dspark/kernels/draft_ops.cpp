@@ -323,7 +323,8 @@ std::vector<torch::Tensor> markov_draw(const torch::Tensor& base_in, const torch
   for (int64_t r = 0; r < R; ++r) any_sampled |= T[r] > 0;
   torch::Tensor tokens = torch::empty({R, steps}, anchors.options());
   torch::Tensor embeddings = torch::empty({R, steps, rank}, base.options());
-  torch::Tensor probs = any_sampled ? torch::zeros({R, steps, V}, base.options()) : torch::empty({0}, base.options());
+  torch::Tensor probs =
+      any_sampled ? torch::zeros({R, steps, V}, base.options()) : torch::empty({0}, base.options());
   const float* B = base.data_ptr<float>();
   const float* W1 = w1.data_ptr<float>();
   const float* W2 = w2.data_ptr<float>();
@@ -356,8 +357,11 @@ std::vector<torch::Tensor> markov_draw(const torch::Tensor& base_in, const torch
         const float floor = floors[r * steps + k];
         c.ids.clear();
         c.logits.clear();
-        for (int64_t j = 0; j < V; ++j)
-          if (b[j] >= floor) c.ids.push_back(static_cast<int32_t>(j)), c.logits.push_back(b[j] + row_dot(W2 + j * rank, e, rank));
+        for (int64_t j = 0; j < V; ++j) {
+          if (!(b[j] >= floor)) continue;
+          c.ids.push_back(static_cast<int32_t>(j));
+          c.logits.push_back(b[j] + row_dot(W2 + j * rank, e, rank));
+        }
         TORCH_CHECK(!c.ids.empty(), "no finite base logit to draw from");
         int64_t best = -1;
         if (T[r] > 0) {
