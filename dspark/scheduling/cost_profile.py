@@ -63,8 +63,8 @@ class CostProfile(BaseModel):
     tokens_per_request: list[float]  # profiled tokens per request (1 + draft length), ascending
     target_ms: list[list[float]]  # target_ms[i][j]: forward of requests[i] requests x tokens_per_request[j]
     draft_ms: list[float]  # draft_ms[i]: one propose call for requests[i] requests (0 without a drafter)
-    # The same for sampled requests (temperature, top-p): a drafter draws them through its distribution, which
-    # costs more than a greedy argmax. Empty: as greedy.
+    # The same for sampled requests (temperature, top-p): a drafter draws them through its filtered
+    # distribution, which may cost more than a greedy argmax. Empty: as greedy.
     sampled_draft_ms: list[float] = []
     # What each row of a step adds when a request in it samples: the target's distribution after temperature
     # and top-p over its whole vocabulary, for every row, and the rejection test that reads them; a greedy
