@@ -365,8 +365,11 @@ def small(default_model, tokenizer):
 
 
 def test_a_full_server_refuses_at_once_on_both_front_ends(small):
-    with small._lock:  # fill the batch and the queue without stepping (the loop sleeps until work comes)
-        fillers = [small.engine.add_request("Hi", SamplingParams(max_tokens=2)) for _ in range(2)]
+    # Fill the batch and the queue without stepping; long fillers, so that a loop woken by the refused gRPC
+    # call cannot finish them (and free the queue) before the HTTP request arrives.
+    with small._lock:
+        params = SamplingParams(max_tokens=256, ignore_eos=True)
+        fillers = [small.engine.add_request("Hi", params) for _ in range(2)]
     http = TestClient(create_app(small, MODEL_ID))
     try:
         started = time.monotonic()
