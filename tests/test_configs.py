@@ -31,6 +31,7 @@ MODELS = {
     "engine.yaml": EngineConfig,
     "drafter_smollm2.yaml": TrainConfig,
     "drafter_smollm2_v6.yaml": TrainConfig,
+    "drafter_smollm2_v7.yaml": TrainConfig,
     "recipe_arms.yaml": RecipeConfig,
     "serve.yaml": ServeConfig,
     "serve_app.yaml": ServeAppConfig,

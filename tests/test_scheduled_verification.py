@@ -148,3 +148,32 @@ def test_steps_drafting_for_sampling_requests_are_costed_as_sampled(default_mode
         params = SamplingParams(temperature=temperature, seed=1, max_tokens=12, ignore_eos=True)
         list(engine.stream(prompt, params))
         assert engine.policy.sampled and set(engine.policy.sampled) == {sampled}
+
+
+def test_the_engine_reports_each_step_its_draft_call_and_verified_tokens(default_model, tokenizer):
+    """The policy learns what steps cost beyond its profile from every step the engine times: its shape
+    (how many requests the draft call served), the draft tokens it verified and its seconds."""
+
+    class Recording(ScheduledVerification):
+        def observe(self, shape, verified, seconds):
+            self.steps.append((shape, verified, seconds))
+            super().observe(shape, verified, seconds)
+
+    config = EngineConfig(proposer="ngram", max_model_len=256)
+    engine = build_engine(config, model=default_model, tokenizer=tokenizer)
+    profile = CostProfile(key="t", requests=[1], tokens_per_request=[1, 2, 5], target_ms=[[10.0, 11.0, 12.0]],
+                          draft_ms=[0.0])  # fmt: skip
+    engine.policy = Recording(profile, draft_gate=False)
+    engine.policy.steps = []
+    prompt = tokenizer.encode("one two three four five six, one two three four five six, one two three")
+    list(engine.stream(prompt, SamplingParams(max_tokens=24, ignore_eos=True)))
+    steps = engine.policy.steps
+    assert len(steps) == engine.stats.steps  # the prompt's step, then each decoding step
+    assert steps[0][0].prefill_tokens == len(prompt) and all(s.prefill_tokens == 0 for s, _, _ in steps[1:])
+    assert all(s.num_requests == 1 and not s.sampled for s, _, _ in steps)
+    called = [s.drafted for s, _, _ in steps[1:]]  # lookup is called unless one token is left to make
+    assert set(called) <= {0, 1} and sum(called) >= len(called) - 1
+    assert sum(v for _, v, _ in steps) == engine.stats.drafted > 0
+    assert all(seconds > 0 for _, _, seconds in steps)
+    learnt = engine.policy.costs.extra_seconds((True, False), 1)
+    assert learnt != 0.0 and learnt <= 0.012  # a step's extra is at most its predicted time

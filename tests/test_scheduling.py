@@ -23,7 +23,7 @@ from dspark.scheduling.cost_profile import (
     profile_key,
     profile_target,
 )
-from dspark.scheduling.policies import ScheduledVerification
+from dspark.scheduling.policies import COST_WARMUP, MeasuredCosts, ScheduledVerification
 
 
 def _profile(target_ms, draft_ms=None, requests=(1, 4), tokens=(1, 2, 5)) -> CostProfile:
@@ -436,3 +436,47 @@ def test_min_gain_refuses_thin_admissions():
     assert schedule_prefixes([[0.12]], sps) == [1]  # 1.12 / 1.11 > 1: admitted by Algorithm 1
     assert schedule_prefixes([[0.12]], sps, min_gain=0.02) == [0]  # +0.9% < 2%: refused
     assert schedule_prefixes([[0.5]], sps, min_gain=0.02) == [1]
+
+
+# ---- measured step costs ----------------------------------------------------------------------------------
+
+
+def test_measured_costs_learn_each_kinds_extra_per_request_and_clip_stalls():
+    costs = MeasuredCosts()
+    called, plain = (True, False), (False, False)
+    for _ in range(COST_WARMUP - 1):
+        costs.observe(called, predicted=0.010, measured=0.014, num_requests=2)
+    assert costs.extra_seconds(called, 2) == 0.0  # too few steps to steer by
+    costs.observe(called, predicted=0.010, measured=0.014, num_requests=2)
+    assert costs.extra_seconds(called, 2) == pytest.approx(0.004)  # 2 ms per request
+    assert costs.extra_seconds(called, 4) == pytest.approx(0.008)
+    assert costs.extra_seconds(plain, 1) == pytest.approx(0.002)  # unmeasured: borrows the other kind's
+    assert costs.extra_seconds((False, True), 1) == 0.0  # nothing measured while sampling
+    costs.observe(called, predicted=0.010, measured=10.0, num_requests=2)  # a stall counts as 1x predicted
+    mean = 0.002 + (0.005 - 0.002) / (COST_WARMUP + 1)  # a running mean per request until the EMA takes over
+    assert costs.extra_seconds(called, 2) == pytest.approx(2 * mean)
+    for _ in range(200):
+        costs.observe(called, predicted=0.010, measured=0.016, num_requests=2)
+    assert costs.extra_seconds(called, 1) == pytest.approx(0.003, rel=1e-3)  # it follows a drifting machine
+
+
+def test_draft_gate_weighs_a_draft_call_at_its_measured_cost():
+    """By the profile a 2 ms draft call pays (1.9 tokens in 14 ms against 1 in 10); steps that call it measure
+    10 ms dearer than the profile says, steps without it as profiled: the gate stops calling it. Measured
+    alike, an extra cost on every step makes neither kind cheaper, and the call still pays."""
+    profile = _profile([[10.0, 11.0, 14.0], [20.0, 40.0, 100.0]], draft_ms=[2.0, 8.0])
+    confidences = [np.array([0.6, 0.5])]
+    shape, called, plain = StepShape(1, 1, 1), StepShape(1, 1, 1, drafted=1), StepShape(1, 1, 1, drafted=0)
+
+    def gate_after(measured_costs: bool, extra_called: float, extra_plain: float) -> list[int]:
+        policy = ScheduledVerification(profile, explore_every=100, measured_costs=measured_costs)
+        assert policy.lengths(confidences, called, ["dspark"]) == [2]
+        for _ in range(COST_WARMUP):
+            policy.observe(called, 2, profile.step_seconds(1, 3, drafted=1) + extra_called)
+            policy.observe(plain, 0, profile.step_seconds(1, 1, drafted=0) + extra_plain)
+        return [policy.drafting(shape, 1, "dspark") for _ in range(4)]
+
+    assert gate_after(True, 0.0, 0.0) == [1] * 4
+    assert gate_after(True, 0.010, 0.0) == [0] * 4
+    assert gate_after(False, 0.010, 0.0) == [1] * 4  # the profile alone
+    assert gate_after(True, 0.010, 0.010) == [1] * 4

@@ -14,6 +14,7 @@ Draft length 0 is plain decoding through the same path.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -234,11 +235,12 @@ class Engine:
         self.last_step = StepReport(running=len(self.running), waiting=len(self.waiting))
         if not self.running:
             return []
+        began = time.perf_counter()
         scheduled = self._schedule()
         for s in scheduled:
             if s.final:
                 s.request.reseed()
-        self._propose(scheduled)
+        shape = self._propose(scheduled)
         logits = self._forward(scheduled)
         if self.prefix_cache is not None:
             self._store_prefixes(scheduled)
@@ -249,6 +251,8 @@ class Engine:
                 del s.request.pending[: len(s.chunk)]
         finals = [s for s in scheduled if s.final]
         outputs = self._verify_and_commit(finals, logits) if finals else []
+        if shape is not None:  # the policy learns what steps really cost against its profile
+            self.policy.observe(shape, self.last_step.verified, time.perf_counter() - began)
         self.running = [r for r in self.running if not r.finished]
         return outputs
 
@@ -299,34 +303,36 @@ class Engine:
         room = self.config.max_model_len - r.num_cached - len(s.chunk)
         return max(0, min(self.num_speculative_tokens, r.remaining_tokens - 1, room))
 
-    def _propose(self, scheduled: list[_Scheduled]) -> None:
-        """Draft for the requests whose prompt is complete, then let the policy cut each draft."""
+    def _propose(self, scheduled: list[_Scheduled]) -> StepShape | None:
+        """Draft for the requests whose prompt is complete, then let the policy cut each draft. Returns the
+        step's shape, `drafted` the requests the draft call served (None without a proposer)."""
         if self.proposer is None:
-            return
+            return None
         finals = [s for s in scheduled if s.final]
         wanted = [(s, k) for s in finals if (k := self._draft_limit(s)) > 0]
         decoding = sum(len(s.chunk) == 1 for s in scheduled)
         prefill = sum(len(s.chunk) for s in scheduled if len(s.chunk) > 1)
-        sampled = any(not s.request.params.greedy for s, _ in wanted)  # the draft call's dearer path
+        sampled = any(not s.request.params.greedy for s in finals)  # dearer rows (and draft call)
         shape = StepShape(decoding, decoding, len(finals), prefill, sampled=sampled)
         report = self.last_step
         report.could_draft = len(wanted)
         if not wanted:
-            return
+            return replace(shape, drafted=0)
         fallbacks = self.proposer.fallbacks
         drafted = self._draft([s.request for s, _ in wanted], [k for _, k in wanted], shape)
         report.drafter_fallbacks = self.proposer.fallbacks - fallbacks
         report.gated = drafted.gated
+        served = replace(shape, drafted=drafted.served)
         if not any(d.tokens for d in drafted.drafts):
-            return
+            return served
         drafts = [_truncated(d, k) for (_, k), d in zip(wanted, drafted.drafts, strict=True)]
         confidences = self._confidences([s.request for s, _ in wanted], drafts)
-        shape.drafted = drafted.served
-        lengths = self.policy.lengths(confidences, shape, drafted.sources)
+        lengths = self.policy.lengths(confidences, served, drafted.sources)
         report.offered = sum(len(d.tokens) for d in drafts)
         report.verified = sum(min(k, len(d.tokens)) for d, k in zip(drafts, lengths, strict=True))
         for (s, _), draft, k in zip(wanted, drafts, lengths, strict=True):
             s.draft = _truncated(draft, k) if k else None
+        return served
 
     def _draft(self, requests: list[Request], limits: list[int], shape: StepShape) -> _Drafted:
         """Each request's draft (empty where a gate withheld it) and its source. Every source is called for

@@ -10,13 +10,14 @@ recent drafts: there its per-step work (lookup, confidences, scheduling) buys no
 - `fixed`: verify the whole draft (up to gamma), the classic speculative decoding.
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
-  a source's draft call when its recent drafts could not pay for the call at this batch size.
+  a source's draft call when its recent drafts could not pay for the call at this batch size. It charges
+  each step what measured steps of its kind cost beyond the profile (`MeasuredCosts`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -41,6 +42,9 @@ class VerificationConfig(BaseModel):
     min_gain: float = Field(
         0.02, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
     )
+    measured_costs: bool = Field(
+        True, description="scheduler: add what measured steps cost beyond the profile to its step times"
+    )
     profile_cache: bool = Field(True, description="cache the cost profile per machine and model")
 
 
@@ -49,7 +53,8 @@ class StepShape:
     """The step before any draft token: its decoding requests and their tokens, the tokens it yields anyway
     (one per request whose pending tokens it completes), the prompt-chunk tokens riding along, how many
     requests the profiled draft call serves (None: every decoding request; a hybrid's free lookup: 0), and
-    whether some of them sample (the call then costs the profile's sampled draft time)."""
+    whether some of its requests sample (every row then costs the profile's sampled row time, and a draft
+    call its sampled draft time)."""
 
     num_requests: int
     num_tokens: int
@@ -77,6 +82,11 @@ class VerificationPolicy(Protocol):
         source of each draft."""
         ...
 
+    def observe(self, shape: StepShape, verified: int, seconds: float) -> None:
+        """A finished decoding step: its shape (`drafted`: the requests its draft call served), the draft
+        tokens it verified and the seconds it took."""
+        ...
+
 
 class FixedLength:
     name = "fixed"
@@ -90,6 +100,9 @@ class FixedLength:
         self, confidences: Sequence[np.ndarray], shape: StepShape, sources: Sequence[str] | None = None
     ) -> list[int]:
         return [len(c) for c in confidences]
+
+    def observe(self, shape: StepShape, verified: int, seconds: float) -> None:
+        pass
 
 
 class ConfidenceThreshold:
@@ -108,6 +121,9 @@ class ConfidenceThreshold:
     ) -> list[int]:
         # Prefix survival is non-increasing, so the positions above the threshold form a prefix.
         return [int((prefix_survival(c) >= self.threshold).sum()) for c in confidences]
+
+    def observe(self, shape: StepShape, verified: int, seconds: float) -> None:
+        pass
 
 
 RECENT_DRAFTS = 64  # drafts per source the gate judges it by
@@ -136,6 +152,50 @@ class RecentDrafts:
         return [[newest[(b * size + i) % len(newest)] for i in range(size)] for b in range(count)]
 
 
+COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured extra cost (after the first ones)
+COST_WARMUP = 8  # steps of a kind measured before its extra cost steers
+MAX_EXTRA = 1.0  # one step counts at most this many times its predicted time as extra (a stall, a GC pause)
+
+StepKind = tuple[bool, bool]  # (the step called a draft source, some request in it samples)
+
+
+class MeasuredCosts:
+    """What decoding steps cost beyond the cost profile, learnt from the engine's measured step times, per
+    kind of step and per request: with or without a draft call, greedy or sampling.
+
+    The profile times the target's forward, the draft call and the sampled rows on filler; a real step also
+    pays the engine around them (scheduling, committing, detokenising), a drafter's context update, and, when
+    sampling, each draft's distribution widened to the target's vocabulary. What a kind of step adds beyond
+    the profile is charged to every step of that kind, so the gate weighs a draft call at what it really
+    costs on this machine now, not what it cost while profiling (a machine that drifts by tens of percent
+    within minutes). A kind not yet measured borrows the other kind's extra cost with the same sampling."""
+
+    def __init__(self) -> None:
+        self._extra: dict[StepKind, float] = {}  # seconds per request
+        self._seen: dict[StepKind, int] = {}
+
+    def observe(self, kind: StepKind, predicted: float, measured: float, num_requests: int) -> None:
+        extra = min(max(measured - predicted, -predicted / 2), MAX_EXTRA * predicted) / max(num_requests, 1)
+        seen = self._seen.get(kind, 0) + 1
+        mean = self._extra.get(kind, 0.0)
+        self._extra[kind] = mean + max(1 / seen, COST_SMOOTHING) * (extra - mean)  # a mean, then an EMA
+        self._seen[kind] = seen
+
+    def summary(self) -> dict[str, float]:
+        """Measured extra ms per request by kind, for reports ('draft call, sampled': 1.2)."""
+        names = {True: "draft call", False: "no draft call"}
+        return {
+            f"{names[called]}, {'sampled' if sampled else 'greedy'}": round(1000 * extra, 3)
+            for (called, sampled), extra in sorted(self._extra.items())
+        }
+
+    def extra_seconds(self, kind: StepKind, num_requests: int) -> float:
+        for known in (kind, (not kind[0], kind[1])):
+            if self._seen.get(known, 0) >= COST_WARMUP:
+                return self._extra[known] * num_requests
+        return 0.0
+
+
 class ScheduledVerification:
     """Algorithm 1 on the cost profile, with a draft gate per source fed by its recent drafts' confidences.
 
@@ -152,9 +212,11 @@ class ScheduledVerification:
         draft_gate: bool = True,
         explore_every: int = 16,
         min_gain: float = 0.0,
+        measured_costs: bool = True,
     ) -> None:
         self.profile = profile
         self.min_gain = min_gain
+        self.costs = MeasuredCosts() if measured_costs else None
         self.draft_gate = draft_gate
         self.explore_every = explore_every
         self.recent: dict[str, RecentDrafts] = {}
@@ -193,10 +255,28 @@ class ScheduledVerification:
             return [len(c) for c in confidences]
         return self._schedule(confidences, shape)
 
-    def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
+    def observe(self, shape: StepShape, verified: int, seconds: float) -> None:
+        if self.profile is None or self.costs is None or shape.prefill_tokens:
+            return  # prompt chunks vary too much in cost to learn from
+        drafted = shape.num_requests if shape.drafted is None else shape.drafted
+        predicted = self.profile.step_seconds(
+            shape.num_requests, shape.num_tokens + verified, drafted, sampled=shape.sampled
+        )
+        self.costs.observe((drafted > 0, shape.sampled), predicted, seconds, shape.num_requests)
+
+    def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
+        """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
         sps = self.profile.steps_per_second(
             shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
         )
+        called = shape.num_requests > 0 if shape.drafted is None else shape.drafted > 0
+        extra = self.costs.extra_seconds((called, shape.sampled), shape.num_requests) if self.costs else 0.0
+        if not extra:
+            return sps
+        return lambda num_tokens: 1 / (1 / sps(num_tokens) + extra)
+
+    def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
+        sps = self._steps_per_second(shape)
         # Algorithm 1 stops at the first admission that does not pay, so that whether a sampled draft token is
         # verified never depends on confidences computed from that token (Appendix A). Greedy drafts are
         # verified by exact match, so that bias cannot arise: a lone greedy request takes the best point of
@@ -244,11 +324,8 @@ class ScheduledVerification:
     def _rate(self, drafts: Sequence[np.ndarray], shape: StepShape) -> float:
         """Expected tokens/s of the step verifying what the scheduler admits of `drafts` (none: plain)."""
         if not any(len(c) for c in drafts):  # no draft call; sampling requests still pay for their rows
-            sps = self.profile.steps_per_second(shape.num_requests, 0, shape.prefill_tokens, shape.sampled)
-            return shape.num_outputs * sps(shape.num_tokens)
-        sps = self.profile.steps_per_second(
-            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
-        )
+            return shape.num_outputs * self._steps_per_second(replace(shape, drafted=0))(shape.num_tokens)
+        sps = self._steps_per_second(shape)
         lengths = self._schedule(drafts, shape)
         accepted = expected_accepted(drafts, lengths)
         return (shape.num_outputs + accepted) * sps(shape.num_tokens + sum(lengths))
@@ -264,4 +341,6 @@ def build_policy(
         return ConfidenceThreshold(config.threshold)
     if profile is None and not profile_pending:
         raise ValueError("policy 'scheduler' needs a cost profile")
-    return ScheduledVerification(profile, config.draft_gate, config.explore_every, config.min_gain)
+    return ScheduledVerification(
+        profile, config.draft_gate, config.explore_every, config.min_gain, config.measured_costs
+    )
