@@ -138,7 +138,8 @@ def _run_gated_hybrid(
         verification=VerificationConfig(policy="fixed"),  # no profile measured: the test brings its own
     )  # fmt: skip
     engine = build_engine(config, model=default_model, tokenizer=tokenizer, proposer=hybrid)
-    engine.policy = ScheduledVerification(profile, draft_gate=True, explore_every=4)
+    # The profile is the truth here: measured steps (cheaper than its dear verification) must not correct it.
+    engine.policy = ScheduledVerification(profile, draft_gate=True, explore_every=4, measured_costs=False)
     plain = build_engine(
         EngineConfig(proposer="none", max_batch_size=4), model=default_model, tokenizer=tokenizer
     )

@@ -170,7 +170,8 @@ def test_the_engine_reports_each_step_its_draft_call_and_verified_tokens(default
     steps = engine.policy.steps
     assert len(steps) == engine.stats.steps  # the prompt's step, then each decoding step
     assert steps[0][0].prefill_tokens == len(prompt) and all(s.prefill_tokens == 0 for s, _, _ in steps[1:])
-    assert all(s.num_requests == 1 and not s.sampled for s, _, _ in steps)
+    assert steps[0][0].num_requests == 0  # the prompt's step decodes nothing yet
+    assert all(s.num_requests == 1 and not s.sampled for s, _, _ in steps[1:])
     called = [s.drafted for s, _, _ in steps[1:]]  # lookup is called unless one token is left to make
     assert set(called) <= {0, 1} and sum(called) >= len(called) - 1
     assert sum(v for _, v, _ in steps) == engine.stats.drafted > 0

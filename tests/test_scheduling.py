@@ -480,3 +480,17 @@ def test_draft_gate_weighs_a_draft_call_at_its_measured_cost():
     assert gate_after(True, 0.010, 0.0) == [0] * 4
     assert gate_after(False, 0.010, 0.0) == [1] * 4  # the profile alone
     assert gate_after(True, 0.010, 0.010) == [1] * 4
+
+
+def test_a_step_measured_cheaper_than_profiled_still_costs_half_its_profiled_time():
+    """Steps that verify measure far cheaper than a too-dear profile says: the learnt (negative) extra lowers
+    what the scheduler expects of such steps, down to half the profile's time, never to nothing or less."""
+    profile = _profile([[10.0, 100.0, 400.0], [20.0, 400.0, 1600.0]])
+    policy = ScheduledVerification(profile, draft_gate=False)
+    shape = StepShape(4, 4, 4, drafted=0)
+    for _ in range(COST_WARMUP):  # 4 requests verifying one token each: profiled 400 ms, measured 20
+        policy.observe(shape, 4, 0.020)
+    assert policy.costs.extra_seconds((False, False), 4) == pytest.approx(-0.2)
+    sps = policy._steps_per_second(shape)
+    assert sps(4) == pytest.approx(1 / 0.010)  # a plain step, profiled 20 ms: half of it
+    assert sps(8) == pytest.approx(1 / 0.200)  # the verifying step itself: 400 - 200 ms

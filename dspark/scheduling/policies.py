@@ -273,7 +273,9 @@ class ScheduledVerification:
         extra = self.costs.extra_seconds((called, shape.sampled), shape.num_requests) if self.costs else 0.0
         if not extra:
             return sps
-        return lambda num_tokens: 1 / (1 / sps(num_tokens) + extra)
+        # A step measured cheaper than profiled saves at most half its time (as `MeasuredCosts` clips each
+        # step): a profile far too dear for other shapes must not make a step cost nothing, or less.
+        return lambda num_tokens: 1 / max(1 / sps(num_tokens) + extra, 0.5 / sps(num_tokens))
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
         sps = self._steps_per_second(shape)
