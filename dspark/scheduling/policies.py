@@ -63,6 +63,11 @@ class StepShape:
     drafted: int | None = None
     sampled: bool = False
 
+    @property
+    def served(self) -> int:
+        """The requests the draft call serves."""
+        return self.num_requests if self.drafted is None else self.drafted
+
 
 class VerificationPolicy(Protocol):
     name: str
@@ -155,6 +160,7 @@ class RecentDrafts:
 COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured extra cost (after the first ones)
 COST_WARMUP = 8  # steps of a kind measured before its extra cost steers
 MAX_EXTRA = 1.0  # one step counts at most this many times its predicted time as extra (a stall, a GC pause)
+MAX_SAVING = 0.5  # and a step measured cheaper than profiled saves at most this share of its predicted time
 
 StepKind = tuple[bool, bool]  # (the step called a draft source, some request in it samples)
 
@@ -175,7 +181,8 @@ class MeasuredCosts:
         self._seen: dict[StepKind, int] = {}
 
     def observe(self, kind: StepKind, predicted: float, measured: float, num_requests: int) -> None:
-        extra = min(max(measured - predicted, -predicted / 2), MAX_EXTRA * predicted) / max(num_requests, 1)
+        extra = min(max(measured - predicted, -MAX_SAVING * predicted), MAX_EXTRA * predicted)
+        extra /= max(num_requests, 1)
         seen = self._seen.get(kind, 0) + 1
         mean = self._extra.get(kind, 0.0)
         self._extra[kind] = mean + max(1 / seen, COST_SMOOTHING) * (extra - mean)  # a mean, then an EMA
@@ -258,24 +265,23 @@ class ScheduledVerification:
     def observe(self, shape: StepShape, verified: int, seconds: float) -> None:
         if self.profile is None or self.costs is None or shape.prefill_tokens:
             return  # prompt chunks vary too much in cost to learn from
-        drafted = shape.num_requests if shape.drafted is None else shape.drafted
         predicted = self.profile.step_seconds(
-            shape.num_requests, shape.num_tokens + verified, drafted, sampled=shape.sampled
+            shape.num_requests, shape.num_tokens + verified, shape.served, sampled=shape.sampled
         )
-        self.costs.observe((drafted > 0, shape.sampled), predicted, seconds, shape.num_requests)
+        self.costs.observe((shape.served > 0, shape.sampled), predicted, seconds, shape.num_requests)
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
         """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
         sps = self.profile.steps_per_second(
             shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
         )
-        called = shape.num_requests > 0 if shape.drafted is None else shape.drafted > 0
-        extra = self.costs.extra_seconds((called, shape.sampled), shape.num_requests) if self.costs else 0.0
+        kind = (shape.served > 0, shape.sampled)
+        extra = self.costs.extra_seconds(kind, shape.num_requests) if self.costs else 0.0
         if not extra:
             return sps
-        # A step measured cheaper than profiled saves at most half its time (as `MeasuredCosts` clips each
-        # step): a profile far too dear for other shapes must not make a step cost nothing, or less.
-        return lambda num_tokens: 1 / max(1 / sps(num_tokens) + extra, 0.5 / sps(num_tokens))
+        # A step measured cheaper than profiled saves at most MAX_SAVING of its time (as each observation is
+        # clipped): a profile far too dear for other shapes must not make a step cost nothing, or less.
+        return lambda num_tokens: 1 / max(1 / sps(num_tokens) + extra, (1 - MAX_SAVING) / sps(num_tokens))
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
         sps = self._steps_per_second(shape)
