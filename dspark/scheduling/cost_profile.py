@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 15  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 16  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -72,10 +72,21 @@ class CostProfile(BaseModel):
     sampled_row_ms: float = 0.0
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
+    # The linear kernels compute a forward's rows in groups of this many (AVX-512: pairs, `row_granularity`),
+    # so from two rows on an odd count costs what the next even one does. The profile's batched points are
+    # even (16 requests x 1.25 tokens: 20 rows); interpolating between them priced a 17th row at a quarter
+    # of 4 rows when it costs 2 (16 clients, 2-core Xeon: 16, 17, 18 rows 55, 62, 60 ms).
+    row_granularity: int = 1
 
-    def target_seconds(self, num_requests: int, num_tokens: int) -> float:
-        curve = self._target_curve(num_requests)
-        return _interp_extrapolated(num_tokens / max(num_requests, 1), self.tokens_per_request, curve) / 1000
+    def billed_tokens(self, num_tokens: int, prefill_tokens: int = 0) -> int:
+        """The decoding rows a forward pays for: `num_tokens` rounded up so that, with the prompt-chunk rows
+        riding along, the rows fill whole groups (a lone row takes its own one-row path)."""
+        rows = num_tokens + prefill_tokens
+        return num_tokens if rows <= 1 else num_tokens + (-rows) % self.row_granularity
+
+    def target_seconds(self, num_requests: int, num_tokens: int, prefill_tokens: int = 0) -> float:
+        billed = self.billed_tokens(num_tokens, prefill_tokens) / max(num_requests, 1)
+        return _interp_extrapolated(billed, self.tokens_per_request, self._target_curve(num_requests)) / 1000
 
     def _target_curve(self, num_requests: int) -> list[float]:
         """Forward ms per profiled tokens-per-request at `num_requests` requests. Both interpolations are
@@ -108,27 +119,37 @@ class CostProfile(BaseModel):
         """A step's time; the draft call served `drafted` of the requests (None: all of them), `sampled`:
         some of them sample."""
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
-        target = self.target_seconds(num_requests, num_tokens) + self.sampling_seconds(num_tokens, sampled)
-        return draft + target + self.prefill_seconds(prefill_tokens)
+        target = self.target_seconds(num_requests, num_tokens, prefill_tokens)
+        extra = self.sampling_seconds(num_tokens, sampled) + self.prefill_seconds(prefill_tokens)
+        return draft + target + extra
 
     def sampling_seconds(self, num_tokens: int, sampled: bool) -> float:
         """What the rows of a step add when some request in it samples."""
         return self.sampled_row_ms * num_tokens / 1000 if sampled else 0.0
 
     def steps_per_second(
-        self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0, sampled: bool = False
+        self,
+        num_requests: int,
+        drafted: int | None = None,
+        prefill_tokens: int = 0,
+        sampled: bool = False,
+        prefill_time: bool = True,
     ) -> Callable[[int], float]:
         """SPS(B) for a step of `num_requests` decoding requests feeding B tokens (plus prompt chunks of
         `prefill_tokens` tokens), `drafted` of them drafted for (`sampled`: some of those sample): what
         Algorithm 1 trades against tau. Asked for many B each step: the parts that do not depend on B are
-        computed once."""
+        computed once. `prefill_time` False: the chunks' rows only complete the kernels' row groups, their
+        time is left out (the step's decoding part alone)."""
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
-        fixed_ms = 1000 * (draft + self.prefill_seconds(prefill_tokens))
+        fixed_ms = 1000 * (draft + (self.prefill_seconds(prefill_tokens) if prefill_time else 0.0))
         curve, grid = self._target_curve(num_requests), self.tokens_per_request
         requests, row_ms = max(num_requests, 1), self.sampled_row_ms if sampled else 0.0
-        return lambda num_tokens: (
-            1000 / (fixed_ms + row_ms * num_tokens + _interp_extrapolated(num_tokens / requests, grid, curve))
-        )
+
+        def sps(num_tokens: int) -> float:
+            billed = self.billed_tokens(num_tokens, prefill_tokens) / requests
+            return 1000 / (fixed_ms + row_ms * num_tokens + _interp_extrapolated(billed, grid, curve))
+
+        return sps
 
     def _across_requests(self, num_requests: int, values: Sequence[float]) -> float:
         """Interpolate in log(requests); beyond the largest profiled count, scale linearly."""
@@ -436,7 +457,14 @@ def _measure(
         sampled_row_ms=(yield from profile_sampled_rows(model.cfg.vocab_size)),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=(yield from profile_prefill(model)),
+        row_granularity=row_granularity(),
     )
+
+
+def row_granularity() -> int:
+    """Rows the linear kernels compute as one: the AVX-512 micro-kernel takes them in pairs (two rows per
+    register, `simd.h`), the AVX2 one and oneDNN one at a time."""
+    return 2 if simd_level() == "avx512" else 1
 
 
 class ProfileMeasurement:

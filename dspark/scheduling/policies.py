@@ -272,16 +272,25 @@ class ScheduledVerification:
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
         """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
+        # A prompt chunk riding along is paid whether or not anything is drafted: charged to the step, its
+        # time made every draft look cheap beside it (a 300 ms chunk dwarfs a 30 ms draft call), and at 32
+        # clients steps with chunks drafted at ~4 ms per accepted token where decoding costs ~2.7. So the
+        # scheduler weighs a step's decoding part alone, as it would without the chunk.
         sps = self.profile.steps_per_second(
-            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
+            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled, prefill_time=False
         )
         kind = (shape.served > 0, shape.sampled)
         extra = self.costs.extra_seconds(kind, shape.num_requests) if self.costs else 0.0
         if not extra:
             return sps
+
         # A step measured cheaper than profiled saves at most MAX_SAVING of its time (as each observation is
         # clipped): a profile far too dear for other shapes must not make a step cost nothing, or less.
-        return lambda num_tokens: 1 / max(1 / sps(num_tokens) + extra, (1 - MAX_SAVING) / sps(num_tokens))
+        def corrected(num_tokens: int) -> float:
+            seconds = 1 / sps(num_tokens)
+            return 1 / max(seconds + extra, (1 - MAX_SAVING) * seconds)
+
+        return corrected
 
     def _schedule(self, confidences: Sequence[np.ndarray], shape: StepShape) -> list[int]:
         sps = self._steps_per_second(shape)
@@ -289,13 +298,14 @@ class ScheduledVerification:
         # verified never depends on confidences computed from that token (Appendix A). Greedy drafts are
         # verified by exact match, so that bias cannot arise: a lone greedy request takes the best point of
         # the whole admission path, past a dear odd row to a free even one (row pairs: at one request a third
-        # row adds ~20% to the step, a fourth nothing). With more requests the early stop stays: there the
-        # rows weigh less against the step, and going further out on the path verified more at 16 clients
-        # for 7% less throughput (load_ngram_pairs.json).
+        # row adds ~20% to the step, a fourth nothing). With more requests the early stop stays (going further
+        # out verified more at 16 clients for 7% less throughput, load_ngram_pairs.json, while the profile
+        # priced a batch's odd row at a fraction of its cost), but a greedy step judges an odd row together
+        # with the free even row after it (`free_rows`).
         early_stop = shape.sampled or shape.num_requests > 1
         return schedule_prefixes(
             confidences, sps, early_stop=early_stop, base_tokens=shape.num_tokens,
-            base_outputs=shape.num_outputs, min_gain=self.min_gain,
+            base_outputs=shape.num_outputs, min_gain=self.min_gain, free_rows=not shape.sampled,
         )  # fmt: skip
 
     def _pays_off(
