@@ -27,6 +27,7 @@ from dspark.engine import Engine, EngineConfig
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
 from dspark.scheduling import VerificationPolicy, build_policy
+from dspark.scheduling.policies import FixedLength
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,9 @@ def run_load_bench(config: LoadBenchConfig) -> dict:
             order = list(policies)
             order = order[repeat % len(order) :] + order[: repeat % len(order)]  # rotate: no fixed position
             for name in order:
-                if policies[name] is not None:
-                    engine.policy = policies[name]
+                # Plain requests never draft; a policy that learns nothing hears their steps, so the
+                # scheduler's measured step costs come from its own runs only.
+                engine.policy = policies[name] or FixedLength()
                 if engine.prefix_cache is not None:  # no arm reuses the prompts an earlier run cached
                     engine.prefix_cache.clear()
                 run = closed_loop(engine, prompts, c, num_requests, params, speculate=name != "plain")
