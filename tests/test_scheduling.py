@@ -97,9 +97,9 @@ def test_profile_bills_rows_in_the_kernels_groups():
     assert paired.target_seconds(4, 5) == pytest.approx(flat.target_seconds(4, 6))
     assert flat.target_seconds(4, 5) < flat.target_seconds(4, 6)
     assert paired.target_seconds(4, 4, prefill_tokens=1) == pytest.approx(flat.target_seconds(4, 5))
-    for b, prefill in ((5, 0), (6, 0), (4, 31), (7, 128)):
-        step = paired.step_seconds(4, b, 1, prefill)
-        assert paired.steps_per_second(4, 1, prefill)(b) == pytest.approx(1 / step)
+    for b, prefill in ((5, 0), (6, 0), (4, 31), (7, 128)):  # SPS: the step's decoding part
+        decoding = paired.step_seconds(4, b, 1, prefill) - paired.prefill_seconds(prefill)
+        assert paired.steps_per_second(4, 1, prefill)(b) == pytest.approx(1 / decoding)
 
 
 def test_a_measured_profile_knows_how_the_kernels_group_rows():
@@ -135,9 +135,9 @@ def test_profile_curve_matches_interpolating_tokens_first():
                 sps = profile.steps_per_second(n, drafted, prefill_tokens)(b)
                 seconds = profile.step_seconds(n, b, drafted, prefill_tokens)
                 draft = profile.draft_seconds(n if drafted is None else drafted)
-                expected = reference_ms(n, b) / 1000 + draft + profile.prefill_seconds(prefill_tokens)
-                assert seconds == pytest.approx(expected, rel=1e-9)
-                assert sps == pytest.approx(1 / expected, rel=1e-9)
+                decoding = reference_ms(n, b) / 1000 + draft
+                assert seconds == pytest.approx(decoding + profile.prefill_seconds(prefill_tokens), rel=1e-9)
+                assert sps == pytest.approx(1 / decoding, rel=1e-9)  # the chunk's time is left out
 
 
 def test_profile_is_measured_once_then_cached(default_model, tmp_path):
@@ -411,7 +411,10 @@ def test_a_prompt_chunk_riding_along_does_not_make_drafts_look_cheap():
     confidences = [np.array([0.2, 0.1])] * 4
     assert policy.lengths(confidences, StepShape(4, 4, 4)) == [0, 0, 0, 0]
     assert policy.lengths(confidences, StepShape(4, 4, 4, prefill_tokens=300)) == [0, 0, 0, 0]
-    charged = profile.steps_per_second(4, prefill_tokens=300)
+
+    def charged(num_tokens: int) -> float:  # the whole step's rate, chunk included
+        return 1 / profile.step_seconds(4, num_tokens, prefill_tokens=300)
+
     assert schedule_prefixes(confidences, charged, base_tokens=4, min_gain=0.02) != [0, 0, 0, 0]
     # an odd chunk makes the fourth decoding row the one that completes a pair: a first draft row is dear
     assert profile.billed_tokens(5, prefill_tokens=301) == 5

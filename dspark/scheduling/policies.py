@@ -272,12 +272,8 @@ class ScheduledVerification:
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
         """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
-        # A prompt chunk riding along is paid whether or not anything is drafted: charged to the step, its
-        # time made every draft look cheap beside it (a 300 ms chunk dwarfs a 30 ms draft call): at 32
-        # clients, steps with chunks paid ~3.8 ms per accepted draft token (draft calls and verified rows)
-        # where a full decoding step costs 2.8 ms per token. So a step's decoding part is weighed alone.
         sps = self.profile.steps_per_second(
-            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled, prefill_time=False
+            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
         )
         kind = (shape.served > 0, shape.sampled)
         extra = self.costs.extra_seconds(kind, shape.num_requests) if self.costs else 0.0
