@@ -91,12 +91,8 @@ def test_profile_bills_rows_in_the_kernels_groups():
     counting the prompt-chunk rows riding along; a lone row keeps its own one-row time."""
     flat = _profile([[10.0, 12.0, 30.0], [20.0, 40.0, 100.0]], draft_ms=[1.0, 3.0])
     paired = flat.model_copy(update={"row_granularity": 2})
-    billed = paired.billed_tokens
-    assert billed(1, 1) == 1 and billed(4, 4) == 4 and billed(4, 5) == 6
-    assert billed(4, 4, prefill_tokens=1) == 5 and billed(4, 5, prefill_tokens=1) == 5
-    # a shape the profile timed keeps its time (1 request x 5 tokens); an untimed odd one is billed (3 tokens)
-    assert billed(1, 5) == 5 and billed(1, 3) == 4 and billed(2, 5) == 6
-    assert paired.target_seconds(1, 5) == pytest.approx(flat.target_seconds(1, 5))
+    assert paired.billed_tokens(1) == 1 and paired.billed_tokens(4) == 4 and paired.billed_tokens(5) == 6
+    assert paired.billed_tokens(4, prefill_tokens=1) == 5 and paired.billed_tokens(5, prefill_tokens=1) == 5
     assert paired.target_seconds(1, 1) == pytest.approx(0.010)
     assert paired.target_seconds(4, 5) == pytest.approx(flat.target_seconds(4, 6))
     assert flat.target_seconds(4, 5) < flat.target_seconds(4, 6)
@@ -421,8 +417,8 @@ def test_a_prompt_chunk_riding_along_does_not_make_drafts_look_cheap():
 
     assert schedule_prefixes(confidences, charged, base_tokens=4, min_gain=0.02) != [0, 0, 0, 0]
     # an odd chunk makes the fourth decoding row the one that completes a pair: a first draft row is dear
-    assert profile.billed_tokens(4, 5, prefill_tokens=301) == 5
-    assert profile.billed_tokens(4, 4, prefill_tokens=301) == 5
+    assert profile.billed_tokens(5, prefill_tokens=301) == 5
+    assert profile.billed_tokens(4, prefill_tokens=301) == 5
 
 
 def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():

@@ -78,18 +78,14 @@ class CostProfile(BaseModel):
     # of 4 rows when it costs 2 (16 clients, 2-core Xeon: 16, 17, 18 rows 55, 62, 60 ms).
     row_granularity: int = 1
 
-    def billed_tokens(self, num_requests: int, num_tokens: int, prefill_tokens: int = 0) -> int:
+    def billed_tokens(self, num_tokens: int, prefill_tokens: int = 0) -> int:
         """The decoding rows a forward pays for: `num_tokens` rounded up so that, with the prompt-chunk rows
-        riding along, the rows fill whole groups (a lone row takes its own one-row path). A shape the profile
-        timed as it is keeps its measured time: billing corrects interpolation, not measurements."""
+        riding along, the rows fill whole groups (a lone row takes its own one-row path)."""
         rows = num_tokens + prefill_tokens
-        measured = not prefill_tokens and num_requests in self.requests
-        if rows <= 1 or (measured and num_tokens / num_requests in self.tokens_per_request):
-            return num_tokens
-        return num_tokens + (-rows) % self.row_granularity
+        return num_tokens if rows <= 1 else num_tokens + (-rows) % self.row_granularity
 
     def target_seconds(self, num_requests: int, num_tokens: int, prefill_tokens: int = 0) -> float:
-        billed = self.billed_tokens(num_requests, num_tokens, prefill_tokens) / max(num_requests, 1)
+        billed = self.billed_tokens(num_tokens, prefill_tokens) / max(num_requests, 1)
         return _interp_extrapolated(billed, self.tokens_per_request, self._target_curve(num_requests)) / 1000
 
     def _target_curve(self, num_requests: int) -> list[float]:
@@ -146,7 +142,7 @@ class CostProfile(BaseModel):
         requests, row_ms = max(num_requests, 1), self.sampled_row_ms if sampled else 0.0
 
         def sps(num_tokens: int) -> float:
-            billed = self.billed_tokens(num_requests, num_tokens, prefill_tokens) / requests
+            billed = self.billed_tokens(num_tokens, prefill_tokens) / requests
             return 1000 / (fixed_ms + row_ms * num_tokens + _interp_extrapolated(billed, grid, curve))
 
         return sps
