@@ -123,8 +123,9 @@ def _avx512_available() -> bool:
 @pytest.mark.skipif(not _avx512_available(), reason="the CPU lacks AVX-512")
 @pytest.mark.parametrize(("kind", "quantize"), FORMATS)
 def test_the_avx512_paths_give_the_avx2_paths_bits(kind, quantize):
-    """Two rows per 512-bit register, each lane doing the AVX2 kernel's FMAs in its order: the same bits, for
-    every row count (odd ones pad a pair), in the block kernels and the fp32 kernel alike."""
+    """One 16-lane register per chain on AVX-512, two 8-lane ones on AVX2, the same FMAs in the same order:
+    the same bits for every row count (in registers up to 8 rows, through the scratch past it), in the block
+    kernels and the fp32 kernel alike."""
     ops = native_ops()
     gen = torch.Generator().manual_seed(7)
     w = quantize(torch.randn(192, 576, generator=gen) * 0.05)

@@ -1,24 +1,22 @@
 // y = x @ w.T for up to a few dozen rows of x (decode and verify steps, batched), with w stored as the blocks
-// it was quantized to, or as fp16 when every weight is an fp16 value (AVX2 + FMA + F16C).
+// it was quantized to, or as fp16 when every weight is an fp16 value (AVX2 + FMA + F16C, or AVX-512).
 //
 // The default target ships as GGUF: its layer weights are Q4_1 (per 32 weights: w = d * q + m, q in 0..15)
 // and its embedding / LM head Q8_0 (w = d * q, q in -127..127). Dequantized to fp32 they are exactly
 // d * q + m (d * q is exact in fp32), so the kernel rebuilds each weight vector in registers with one FMA
-// (one multiply for Q8_0): bit for bit the fp32 weight. Each accumulator then takes its FMAs in ascending k
-// and is reduced by the same horizontal sum as small_m_linear's, so the output equals small_m_linear's bit for
-// bit (and each row's output is the same whatever the other rows), while a step reads 0.75 (Q4_1) or 1.13
-// (Q8_0) bytes per weight, fp32 scales included, instead of 4.
+// (one multiply for Q8_0): bit for bit the fp32 weight. Each product then keeps the linear kernels' one order
+// (simd.h), so the output equals small_m_linear's bit for bit (and each row's output is the same whatever the
+// other rows), while a step reads 0.75 (Q4_1) or 1.13 (Q8_0) bytes per weight, fp32 scales included, instead
+// of 4.
 //
-// One row of x (batch-1 decode) is memory-bound: the weights are rebuilt in registers and the bytes are the
-// time. From 2 rows on, each group of 4 weight rows is rebuilt once into an fp32 scratch that stays in L1 and
-// small_m_linear's own micro-kernel (simd.h) multiplies it by every row of x: the arithmetic of the rebuild
-// is paid once per weight and call, and with up to ~100 rows this beats oneDNN's fp32 GEMM on the dev
-// machine (it reads 4 bytes per weight). On an AVX-512 CPU the micro-kernel takes two rows of x per register
-// (the same bits): a 2-core Zen 5 multiplies SmolLM2-135M's weights by 4-64 rows 1.4-1.6x faster than with
-// AVX2, and up to 64 rows the block kernel still beats oneDNN end to end.
+// A step's few rows are bound by the rebuild's arithmetic more than by the bytes: on AVX-512 each 16 weights
+// are rebuilt by one instruction per stage and multiplied at once by up to 4 rows of x, in registers. Past
+// that (AVX2: from 2 rows), each group of 4 weight rows is rebuilt once into an fp32 scratch that stays in L1
+// and small_m_linear's own micro-kernel multiplies it by every row: the rebuild is paid once per weight and
+// call, and with up to ~100 rows this beats oneDNN's fp32 GEMM (it reads 4 bytes per weight).
 //
 // fp16 (a drafter's weights, stored as fp16 and widened exactly) works the same way with one conversion per
-// 8 weights and 2 bytes each.
+// 8 (16) weights and 2 bytes each.
 //
 // Layout (built by dspark/models/quantized.py): q4 [N, K/2] bytes, 16 per block in ggml's order (byte j: weight
 // j in the low nibble, weight j + 16 in the high one); q8 [N, K] int8; d and m [N, K/32] fp32.
@@ -67,23 +65,27 @@ inline void rebuilt32(const uint8_t* q, const float* d, const float* m, int64_t 
   weights32<KIND>(q, kb, dv, mv, w);
 }
 
-// One row of x against 4 weight rows: out[r] = dot(weight row r, x) for r < 4 (the 4 rows share the loads
-// of x, which pays when x is a single row).
+// One row of x against 4 weight rows, AVX2: out[r] = dot(weight row r, x) for r < 4 in the linear kernels'
+// order (simd.h), each chain in two registers (the 4 rows share the loads of x).
 template <Kind KIND>
 inline void four_rows(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
                       const float* x, int64_t K, float* y) {
-  __m256 acc[4];
-  for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 lo[4], hi[4];
+  for (int r = 0; r < 4; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < K / 32; ++kb) {
     for (int r = 0; r < 4; ++r) {
       __m256 w[4];
       const float* dr = d ? d + r * s_stride : nullptr;
       const float* mr = m ? m + r * s_stride : nullptr;
       rebuilt32<KIND>(q + r * q_stride, dr, mr, kb, w);
-      for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(w[g], _mm256_loadu_ps(x + kb * 32 + g * 8), acc[r]);
+      const float* xk = x + kb * 32;
+      lo[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xk), lo[r]);
+      hi[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xk + 8), hi[r]);
+      lo[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xk + 16), lo[r]);
+      hi[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xk + 24), hi[r]);
     }
   }
-  for (int r = 0; r < 4; ++r) y[r] = hsum(acc[r]);
+  for (int r = 0; r < 4; ++r) y[r] = dspark::hsum16(lo[r], hi[r]);
 }
 
 // The 4 weight rows of a group rebuilt into fp32 (`out` [4, K]): once per call, whatever the number of
@@ -96,6 +98,85 @@ inline void rebuild4(const uint8_t* q, int64_t q_stride, const float* d, const f
       __m256 w[4];
       rebuilt32<KIND>(q + r * q_stride, d ? d + r * s_stride : nullptr, m ? m + r * s_stride : nullptr, kb, w);
       for (int g = 0; g < 4; ++g) _mm256_storeu_ps(out + r * K + kb * 32 + g * 8, w[g]);
+    }
+}
+
+// ---- AVX-512: 16 weights rebuilt per instruction, one register per chain ------------------------------------
+
+// Block kb of one weight row rebuilt into w[0] (weights 0..15) and w[1] (16..31): the same values as
+// rebuilt32 (the same FMA or product per weight), from half the instructions.
+template <Kind KIND>
+__attribute__((target("avx512f,avx512dq"))) inline void rebuilt32_wide(const uint8_t* q, const float* d,
+                                                                         const float* m, int64_t kb, __m512 w[2]) {
+  if constexpr (KIND == Kind::Q4_1) {
+    // ggml's nibble order puts weights 0..15 in the low nibbles of the 16 bytes and 16..31 in the high ones.
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kb * 16)));
+    const __m512 dv = _mm512_set1_ps(d[kb]), mv = _mm512_set1_ps(m[kb]);
+    w[0] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF))), mv);
+    w[1] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), mv);
+  } else if constexpr (KIND == Kind::Q8_0) {
+    const __m512 dv = _mm512_set1_ps(d[kb]);
+    for (int g = 0; g < 2; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kb * 32 + g * 16));
+      w[g] = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+    }
+  } else {
+    for (int g = 0; g < 2; ++g)
+      w[g] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (kb * 32 + g * 16) * 2)));
+  }
+}
+
+// MX rows of x against 4 weight rows, each 16 weights rebuilt in a register and used at once by every row:
+// for a decode or verify step's 1-4 rows the rebuild is the work, and a scratch's store and reload would add
+// to it (2 rows took 1.2x one row's time this way, 1.5x through the scratch).
+template <Kind KIND, int MX>
+__attribute__((target("avx512f,avx512dq"))) inline void rows_in_registers(
+    const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride, const float* x,
+    int64_t K, float* y, int64_t ldy) {
+  __m512 acc[4][MX];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < MX; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < K / 32; ++kb)
+    for (int r = 0; r < 4; ++r) {
+      __m512 w[2];
+      rebuilt32_wide<KIND>(q + r * q_stride, d ? d + r * s_stride : nullptr, m ? m + r * s_stride : nullptr, kb, w);
+      for (int i = 0; i < MX; ++i) {
+        const float* xk = x + i * K + kb * 32;
+        acc[r][i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xk), acc[r][i]);
+        acc[r][i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xk + 16), acc[r][i]);
+      }
+    }
+  for (int i = 0; i < MX; ++i)
+    for (int r = 0; r < 4; ++r) y[i * ldy + r] = dspark::hsum16(acc[r][i]);
+}
+
+// Up to this many rows of x the AVX-512 path rebuilds in registers, 4 rows of x per pass over a group's
+// blocks (which stay in L1); past it, once per call into the fp32 scratch, which the fp32 micro-kernel then
+// multiplies by 6 rows at a time. Per layer of the default target on the 2-core Xeon (2 threads, us): 1-4 rows
+// 116, 140, 169, 200 in registers; 6 rows 336 in registers, 323 through the scratch; 8 rows 388, 431.
+constexpr int64_t kRowsInRegisters = 8;
+
+template <Kind KIND>
+inline void few_rows_wide(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
+                          const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
+  switch (M) {
+    case 1: rows_in_registers<KIND, 1>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    case 2: rows_in_registers<KIND, 2>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    case 3: rows_in_registers<KIND, 3>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    default: rows_in_registers<KIND, 4>(q, q_stride, d, m, s_stride, x, K, y, ldy);
+  }
+}
+
+template <Kind KIND>
+__attribute__((target("avx512f,avx512dq"))) inline void rebuild4_wide(const uint8_t* q, int64_t q_stride,
+                                                                        const float* d, const float* m,
+                                                                        int64_t s_stride, int64_t K, float* out) {
+  for (int r = 0; r < 4; ++r)
+    for (int64_t kb = 0; kb < K / 32; ++kb) {
+      __m512 w[2];
+      rebuilt32_wide<KIND>(q + r * q_stride, d ? d + r * s_stride : nullptr, m ? m + r * s_stride : nullptr, kb, w);
+      _mm512_storeu_ps(out + r * K + kb * 32, w[0]);
+      _mm512_storeu_ps(out + r * K + kb * 32 + 16, w[1]);
     }
 }
 
@@ -124,23 +205,27 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
   const float* Mn = Q4 ? m.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
   const int64_t s_stride = K / 32;
-  const bool paired = M > 1 && dspark::avx512_enabled();  // the same bits from half the instructions (simd.h)
-  const std::vector<float> xp = paired ? dspark::paired_rows(X, M, K) : std::vector<float>();
+  const bool wide = dspark::avx512_enabled();  // the same bits from half the instructions (simd.h)
+  const bool scratch = wide ? M > kRowsInRegisters : M > 1;
   at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> rebuilt(M == 1 ? 0 : 4 * K);
+    std::vector<float> rebuilt(scratch ? 4 * K : 0);
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* qb = Q + b * 4 * q_stride;
       const float* db = SCALED ? D + b * 4 * s_stride : nullptr;
       const float* mb = Q4 ? Mn + b * 4 * s_stride : nullptr;
-      if (M == 1) {
+      if (!scratch && wide) {
+        for (int64_t i = 0; i < M; i += 4)
+          few_rows_wide<KIND>(qb, q_stride, db, mb, s_stride, X + i * K, std::min<int64_t>(4, M - i), K,
+                              Y + b * 4 + i * N, N);
+      } else if (!scratch) {
         four_rows<KIND>(qb, q_stride, db, mb, s_stride, X, K, Y + b * 4);
-        continue;
-      }
-      rebuild4<KIND>(qb, q_stride, db, mb, s_stride, K, rebuilt.data());
-      if (paired)
-        dspark::dot4_paired(rebuilt.data(), xp.data(), M, K, Y + b * 4, N);
-      else
+      } else if (wide) {
+        rebuild4_wide<KIND>(qb, q_stride, db, mb, s_stride, K, rebuilt.data());
+        dspark::dot4_wide(rebuilt.data(), X, M, K, Y + b * 4, N);
+      } else {
+        rebuild4<KIND>(qb, q_stride, db, mb, s_stride, K, rebuilt.data());
         dspark::dot4(rebuilt.data(), X, M, K, Y + b * 4, N, nullptr, 0);
+      }
     }
   });
   return y;

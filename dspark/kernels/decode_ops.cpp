@@ -46,18 +46,20 @@ torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k,
               "cache rows must be contiguous");
   torch::Tensor out = torch::zeros_like(q);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<float> p(start + n + 8);
+  dspark::RowsScratch scratch;
+  std::vector<dspark::QueryRow> query_rows(rows);
   for (int64_t h = 0; h < heads; ++h) {
-    const float* K = k.data_ptr<float>() + h * k.stride(0);
-    const float* V = v.data_ptr<float>() + h * v.stride(0);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = h * rows + r;
-      attend_row(q.data_ptr<float>() + row * d, K, V, start + r % n + 1, d, scale, p.data(),
-                 out.data_ptr<float>() + row * d);
+      query_rows[r] = {q.data_ptr<float>() + row * d, out.data_ptr<float>() + row * d, start + r % n + 1};
     }
+    dspark::attend_rows(query_rows.data(), rows, k.data_ptr<float>() + h * k.stride(0),
+                        v.data_ptr<float>() + h * v.stride(0), d, scale, scratch);
   }
   return out;
 }
+
+constexpr int64_t kRowsPerItem = 24;  // a verify block of 8 tokens x 3 query heads per KV head
 
 // Attention of a whole ragged batch of short blocks in one call: the per-request Python loop it replaces
 // cost more than the arithmetic at batch 8+. Appends every request's new keys/values to its cache slot,
@@ -99,18 +101,33 @@ torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k
   const float* Q = q.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / H, h = item % H;
-      const int64_t slot = L[3 * r], start = L[3 * r + 1], n = L[3 * r + 2];
-      const float* K = KC + (slot * Hkv + h / group) * max_len * d;
-      const float* V = VC + (slot * Hkv + h / group) * max_len * d;
-      p.resize(start + n + 8);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = (offsets[r] + i) * H + h;
-        attend_row(Q + row * d, K, V, start + i + 1, d, scale, p.data(), O + row * d);
+  // Work items: a request's KV head with some of the query rows reading it (its group's heads x the block's
+  // tokens), so K and V are read once per item (attend_rows). Items of up to kRowsPerItem rows, fewer when the
+  // step has few rows, so that every thread gets several items.
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_item = std::clamp<int64_t>((T * H + 4 * threads - 1) / (4 * threads), 1, kRowsPerItem);
+  struct Item {
+    int64_t r, g, first, last;  // rows [first, last) of the group's group * n, token-major
+  };
+  std::vector<Item> items;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t first = 0; first < group * L[3 * r + 2]; first += per_item)
+        items.push_back({r, g, first, std::min(first + per_item, group * L[3 * r + 2])});
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    dspark::RowsScratch scratch;
+    std::vector<dspark::QueryRow> rows;
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t slot = L[3 * item.r], start = L[3 * item.r + 1];
+      rows.clear();
+      for (int64_t idx = item.first; idx < item.last; ++idx) {
+        const int64_t i = idx / group, h = item.g * group + idx % group;
+        const int64_t row = (offsets[item.r] + i) * H + h;
+        rows.push_back({Q + row * d, O + row * d, start + i + 1});
       }
+      const int64_t base = (slot * Hkv + item.g) * max_len * d;
+      dspark::attend_rows(rows.data(), static_cast<int64_t>(rows.size()), KC + base, VC + base, d, scale, scratch);
     }
   });
   return out;

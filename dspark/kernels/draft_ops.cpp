@@ -137,18 +137,25 @@ torch::Tensor draft_layers(torch::Tensor x, const torch::Tensor& cos, const torc
     torch::Tensor attn = torch::zeros({T, heads * hd}, x.options());
     const float* Q = q.data_ptr<float>();
     float* O = attn.data_ptr<float>();
-    at::parallel_for(0, R * heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> p;
+    // items as in ragged_attention (decode_ops.cpp): a request's KV head with some of the rows reading it
+    const int64_t threads = at::get_num_threads();
+    const int64_t per_item = std::clamp<int64_t>((T * heads + 4 * threads - 1) / (4 * threads), 1, 24);
+    const int64_t items_per_group = (group * rows + per_item - 1) / per_item;
+    at::parallel_for(0, R * kv_heads * items_per_group, 1, [&](int64_t begin, int64_t end) {
+      dspark::RowsScratch scratch;
+      std::vector<dspark::QueryRow> query_rows;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / heads, h = item % heads, length = lengths[r] + rows;
+        const int64_t r = item / (kv_heads * items_per_group), g = item / items_per_group % kv_heads;
+        const int64_t first = item % items_per_group * per_item, last = std::min(first + per_item, group * rows);
         const torch::Tensor& K = keys[r * L + l];
-        const float* Kh = K.data_ptr<float>() + (h / group) * K.size(1) * hd;
-        const float* Vh = values[r * L + l].data_ptr<float>() + (h / group) * K.size(1) * hd;
-        p.resize(length + 8);
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = (r * rows + i) * heads + h;
-          dspark::attend_row(Q + row * hd, Kh, Vh, length, hd, scale, p.data(), O + row * hd);
+        const int64_t base = g * K.size(1) * hd;
+        query_rows.clear();
+        for (int64_t idx = first; idx < last; ++idx) {
+          const int64_t row = (r * rows + idx / group) * heads + g * group + idx % group;
+          query_rows.push_back({Q + row * hd, O + row * hd, lengths[r] + rows});
         }
+        dspark::attend_rows(query_rows.data(), static_cast<int64_t>(query_rows.size()), K.data_ptr<float>() + base,
+                            values[r * L + l].data_ptr<float>() + base, hd, scale, scratch);
       }
     });
     x = x + linear(attn, kind[1], lin + kTensorsPerLinear);

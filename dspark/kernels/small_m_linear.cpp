@@ -1,8 +1,8 @@
-// y = x @ w.T for a handful of rows of x (decode and verify steps), fp32, AVX2 + FMA.
+// y = x @ w.T for a handful of rows of x (decode and verify steps), fp32, AVX2 + FMA or AVX-512.
 //
-// A decode step is memory-bound: each weight element should be read from DRAM once and used for every
-// row of x while it sits in L1. The micro-kernel (simd.h) multiplies 4 weight rows by up to 3 rows of x;
-// threads split the weight rows.
+// Each weight element should be read from memory once and used for every row of x while it sits in L1. The
+// micro-kernels (simd.h) multiply 4 weight rows by every row of x, in the linear kernels' one order; threads
+// split the weight rows.
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -13,16 +13,15 @@ torch::Tensor small_m_linear(const torch::Tensor& x_in, const torch::Tensor& w) 
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "expected x [M, K], w [N, K]");
   TORCH_CHECK(w.is_contiguous(), "weight must be contiguous");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w.size(0);
-  TORCH_CHECK(K % 8 == 0 && N % 4 == 0, "K must be a multiple of 8 and N of 4");
+  TORCH_CHECK(K % 16 == 0 && N % 4 == 0, "K must be a multiple of 16 and N of 4");
   const torch::Tensor x = x_in.contiguous();
   torch::Tensor y = torch::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
   const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  if (M > 1 && dspark::avx512_enabled()) {  // the same bits from half the instructions (simd.h)
-    const std::vector<float> paired = dspark::paired_rows(X, M, K);
+  if (dspark::avx512_enabled()) {  // the same bits from half the instructions (simd.h)
     at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) dspark::dot4_paired(W + b * 4 * K, paired.data(), M, K, Y + b * 4, N);
+      for (int64_t b = begin; b < end; ++b) dspark::dot4_wide(W + b * 4 * K, X, M, K, Y + b * 4, N);
     });
     return y;
   }

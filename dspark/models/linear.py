@@ -48,7 +48,7 @@ class Linear(nn.Module):
         if onednn_packing_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
         out_features, in_features = w.shape
-        if in_features % 8 == 0 and out_features % 4 == 0 and w.is_contiguous():
+        if in_features % 16 == 0 and out_features % 4 == 0 and w.is_contiguous():
             self._small_m = small_m_linear()
         if self._small_m is not None:
             self._blocks = block_quantized(w)
