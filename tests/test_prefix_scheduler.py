@@ -79,20 +79,5 @@ def test_light_load_verifies_everything_and_heavy_load_nothing():
     assert schedule_prefixes([[1.0, 0.0, 0.5]], lambda b: 1.0) == [1]  # a dead prefix is never admitted
 
 
-def test_free_rows_judge_a_dear_row_with_the_free_one_after_it():
-    """Step time in pairs of rows (1 + ceil(B / 2) units): from 2 rows, the third costs a unit, the fourth
-    nothing. The third alone does not pay (2.9 tokens in 3 units against 2 in 2); with the fourth it does (3.2
-    in 3). The early stop refuses it; `free_rows` judges the pair and takes it, and still stops where the
-    next row is not free."""
-
-    def sps(b: int) -> float:
-        return 1 / (1 + (b + 1) // 2)
-
-    confidences = [[0.3, 0.95], [0.9]]
-    assert schedule_prefixes(confidences, sps) == [0, 0]
-    assert schedule_prefixes(confidences, sps, free_rows=True) == [1, 1]
-    assert schedule_prefixes([[0.05], [0.9]], sps, free_rows=True) == [0, 0]
-
-
 def test_prefix_survival_is_the_running_product():
     np.testing.assert_allclose(prefix_survival([0.5, 0.5, 0.8]), [0.5, 0.25, 0.2])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark.kernels import simd_level
 from dspark.proposers import NgramProposer
 from dspark.scheduling import (
     CostProfile,
@@ -86,27 +85,6 @@ def test_sampled_steps_pay_for_every_row_they_verify():
     assert ScheduledVerification(dear, draft_gate=False).lengths(confidences, shape) == [0]
 
 
-def test_profile_bills_rows_in_the_kernels_groups():
-    """With rows computed in pairs, an odd row count costs what the next even one does: from two rows on, and
-    counting the prompt-chunk rows riding along; a lone row keeps its own one-row time."""
-    flat = _profile([[10.0, 12.0, 30.0], [20.0, 40.0, 100.0]], draft_ms=[1.0, 3.0])
-    paired = flat.model_copy(update={"row_granularity": 2})
-    assert paired.billed_tokens(1) == 1 and paired.billed_tokens(4) == 4 and paired.billed_tokens(5) == 6
-    assert paired.billed_tokens(4, prefill_tokens=1) == 5 and paired.billed_tokens(5, prefill_tokens=1) == 5
-    assert paired.target_seconds(1, 1) == pytest.approx(0.010)
-    assert paired.target_seconds(4, 5) == pytest.approx(flat.target_seconds(4, 6))
-    assert flat.target_seconds(4, 5) < flat.target_seconds(4, 6)
-    assert paired.target_seconds(4, 4, prefill_tokens=1) == pytest.approx(flat.target_seconds(4, 5))
-    for b, prefill in ((5, 0), (6, 0), (4, 31), (7, 128)):  # SPS: the step's decoding part
-        decoding = paired.step_seconds(4, b, 1, prefill) - paired.prefill_seconds(prefill)
-        assert paired.steps_per_second(4, 1, prefill)(b) == pytest.approx(1 / decoding)
-
-
-def test_a_measured_profile_knows_how_the_kernels_group_rows():
-    """The AVX-512 micro-kernel takes rows in pairs, the AVX2 one row by row (`simd.h`)."""
-    assert cost_profile.row_granularity() == (2 if simd_level() == "avx512" else 1)
-
-
 def test_profile_curve_matches_interpolating_tokens_first():
     """The scheduler's fast curve (requests interpolated first, once per step) against the definition:
     interpolate each profiled request count's row over tokens, then across log(requests)."""
@@ -132,7 +110,7 @@ def test_profile_curve_matches_interpolating_tokens_first():
     for n in (1, 3, 4, 11, 16, 40):
         for b in (n, n + 1, 2 * n + 1, 4 * n, 12 * n):
             for drafted, prefill_tokens in ((None, 0), (1, 64), (0, 300)):
-                sps = profile.steps_per_second(n, drafted, prefill_tokens)(b)
+                sps = profile.steps_per_second(n, drafted)(b)
                 seconds = profile.step_seconds(n, b, drafted, prefill_tokens)
                 draft = profile.draft_seconds(n if drafted is None else drafted)
                 decoding = reference_ms(n, b) / 1000 + draft
@@ -371,9 +349,10 @@ def test_scheduler_runs_algorithm_1_on_the_profile():
     assert cheap[0] >= 1 and loaded == [0, 0, 0, 0]
 
 
-def test_greedy_steps_reach_past_a_dear_odd_row_to_a_free_even_one():
-    """Rows come in pairs: 3 tokens cost what 4 do. Verifying 2 drafts does not pay (1.75 tokens in 14 ms
-    against 1.5 in 11), 3 do (1.975 in 14 ms). A lone greedy request takes the best of the whole admission
+def test_greedy_steps_reach_past_a_dear_row_to_cheap_ones():
+    """A dear row, then a free one (the AVX-512 block kernel's passes of 4 rows make such steps): 3 tokens
+    cost what 4 do. Verifying 2 drafts does not pay (1.75 tokens in 14 ms against 1.5 in 11), 3 do (1.975 in
+    14 ms). A lone greedy request takes the best of the whole admission
     path; a sampling one stops at the first admission that does not pay (Appendix A), as do batched steps."""
     rows = [[10.0, 11.0, 14.0, 14.0], [20.0, 22.0, 28.0, 28.0]]
     paired = _profile(rows, requests=(1, 2), tokens=(1, 2, 3, 4))
@@ -384,28 +363,12 @@ def test_greedy_steps_reach_past_a_dear_odd_row_to_a_free_even_one():
     assert policy.lengths(confidences * 2, StepShape(2, 2, 2)) == [1, 1]
 
 
-def test_batched_greedy_steps_judge_an_odd_row_with_the_free_even_one():
-    """Four requests, rows in pairs: one draft token (5 rows, billed as 6) does not pay alone (4.4 tokens in
-    44 ms against 4 in 40), two do (4.8 in 44). A greedy step takes the pair; a sampling one stops at the
-    first admission that does not pay (Appendix A)."""
-    profile = _profile([[10.0, 11.0, 12.0], [40.0, 44.0, 48.0]], tokens=(1, 1.5, 2))
-    paired = profile.model_copy(update={"row_granularity": 2})
-    policy = ScheduledVerification(paired, draft_gate=False, min_gain=0.02)
-    confidences = [np.array([0.4])] * 4
-    assert policy.lengths(confidences, StepShape(4, 4, 4)) == [1, 1, 1, 1]
-    assert policy.lengths(confidences, StepShape(4, 4, 4, sampled=True)) == [0, 0, 0, 0]
-    # priced row by row, the fifth row looked cheap (42 ms) and was taken alone
-    assert ScheduledVerification(profile, draft_gate=False, min_gain=0.02).lengths(
-        confidences, StepShape(4, 4, 4, sampled=True)
-    ) == [1, 1, 1, 1]
-
-
 def test_a_prompt_chunk_riding_along_does_not_make_drafts_look_cheap():
     """A step carrying a 300-token prompt chunk pays for it whatever is drafted: the scheduler verifies what
     it would in the same step without the chunk (here nothing), where charging the chunk's time to the step
-    would make every draft token look nearly free. The chunk's rows still count toward the row pairs."""
+    would make every draft token look nearly free."""
     profile = _profile([[10.0, 11.0, 12.0], [40.0, 44.0, 48.0]], tokens=(1, 1.5, 2)).model_copy(
-        update={"prefill_tokens": [32, 512], "prefill_ms": [30.0, 400.0], "row_granularity": 2}
+        update={"prefill_tokens": [32, 512], "prefill_ms": [30.0, 400.0]}
     )
     policy = ScheduledVerification(profile, draft_gate=False, min_gain=0.02)
     confidences = [np.array([0.2, 0.1])] * 4
@@ -416,9 +379,6 @@ def test_a_prompt_chunk_riding_along_does_not_make_drafts_look_cheap():
         return 1 / profile.step_seconds(4, num_tokens, prefill_tokens=300)
 
     assert schedule_prefixes(confidences, charged, base_tokens=4, min_gain=0.02) != [0, 0, 0, 0]
-    # an odd chunk makes the fourth decoding row the one that completes a pair: a first draft row is dear
-    assert profile.billed_tokens(5, prefill_tokens=301) == 5
-    assert profile.billed_tokens(4, prefill_tokens=301) == 5
 
 
 def test_draft_gate_skips_drafting_that_cannot_pay_and_still_explores():

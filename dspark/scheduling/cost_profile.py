@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 16  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 17  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -72,21 +72,10 @@ class CostProfile(BaseModel):
     sampled_row_ms: float = 0.0
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
-    # The linear kernels compute a forward's rows in groups of this many (AVX-512: pairs, `row_granularity`),
-    # so from two rows on an odd count costs what the next even one does. The profile's batched points are
-    # even (16 requests x 1.25 tokens: 20 rows); interpolating between them priced a 17th row at a quarter
-    # of 4 rows when it costs 2 (16 clients, 2-core Xeon: 16, 17, 18 rows 55, 62, 60 ms).
-    row_granularity: int = 1
 
-    def billed_tokens(self, num_tokens: int, prefill_tokens: int = 0) -> int:
-        """The decoding rows a forward pays for: `num_tokens` rounded up so that, with the prompt-chunk rows
-        riding along, the rows fill whole groups (a lone row takes its own one-row path)."""
-        rows = num_tokens + prefill_tokens
-        return num_tokens if rows <= 1 else num_tokens + (-rows) % self.row_granularity
-
-    def target_seconds(self, num_requests: int, num_tokens: int, prefill_tokens: int = 0) -> float:
-        billed = self.billed_tokens(num_tokens, prefill_tokens) / max(num_requests, 1)
-        return _interp_extrapolated(billed, self.tokens_per_request, self._target_curve(num_requests)) / 1000
+    def target_seconds(self, num_requests: int, num_tokens: int) -> float:
+        curve = self._target_curve(num_requests)
+        return _interp_extrapolated(num_tokens / max(num_requests, 1), self.tokens_per_request, curve) / 1000
 
     def _target_curve(self, num_requests: int) -> list[float]:
         """Forward ms per profiled tokens-per-request at `num_requests` requests. Both interpolations are
@@ -119,7 +108,7 @@ class CostProfile(BaseModel):
         """A step's time; the draft call served `drafted` of the requests (None: all of them), `sampled`:
         some of them sample."""
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
-        target = self.target_seconds(num_requests, num_tokens, prefill_tokens)
+        target = self.target_seconds(num_requests, num_tokens)
         extra = self.sampling_seconds(num_tokens, sampled) + self.prefill_seconds(prefill_tokens)
         return draft + target + extra
 
@@ -128,22 +117,21 @@ class CostProfile(BaseModel):
         return self.sampled_row_ms * num_tokens / 1000 if sampled else 0.0
 
     def steps_per_second(
-        self, num_requests: int, drafted: int | None = None, prefill_tokens: int = 0, sampled: bool = False
+        self, num_requests: int, drafted: int | None = None, sampled: bool = False
     ) -> Callable[[int], float]:
         """SPS(B) for the decoding part of a step of `num_requests` decoding requests feeding B tokens,
         `drafted` of them drafted for (`sampled`: some of those sample): what Algorithm 1 trades against tau.
-        Prompt chunks riding along (`prefill_tokens`) complete the kernels' row groups, but their time, paid
-        whatever is drafted, is left out: charged to the step, a 300 ms chunk made a 30 ms draft call look
-        nearly free (at 32 clients, steps with chunks paid ~3.8 ms per accepted draft token, draft calls and
-        verified rows, where a full decoding step costs 2.8 ms per token). Asked for many B each step: the
-        parts that do not depend on B are computed once."""
+        The time of prompt chunks riding along, paid whatever is drafted, is left out: charged to the step, a
+        300 ms chunk made a 30 ms draft call look nearly free (at 32 clients, steps with chunks paid ~3.8 ms
+        per accepted draft token, draft calls and verified rows, where a full decoding step costs 2.8 ms per
+        token). Asked for many B each step: the parts that do not depend on B are computed once."""
         fixed_ms = 1000 * self.draft_seconds(num_requests if drafted is None else drafted, sampled)
         curve, grid = self._target_curve(num_requests), self.tokens_per_request
         requests, row_ms = max(num_requests, 1), self.sampled_row_ms if sampled else 0.0
 
         def sps(num_tokens: int) -> float:
-            billed = self.billed_tokens(num_tokens, prefill_tokens) / requests
-            return 1000 / (fixed_ms + row_ms * num_tokens + _interp_extrapolated(billed, grid, curve))
+            target_ms = _interp_extrapolated(num_tokens / requests, grid, curve)
+            return 1000 / (fixed_ms + row_ms * num_tokens + target_ms)
 
         return sps
 
@@ -453,14 +441,7 @@ def _measure(
         sampled_row_ms=(yield from profile_sampled_rows(model.cfg.vocab_size)),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=(yield from profile_prefill(model)),
-        row_granularity=row_granularity(),
     )
-
-
-def row_granularity() -> int:
-    """Rows the linear kernels compute as one: the AVX-512 micro-kernel takes them in pairs (two rows per
-    register, `simd.h`), the AVX2 one and oneDNN one at a time."""
-    return 2 if simd_level() == "avx512" else 1
 
 
 class ProfileMeasurement:

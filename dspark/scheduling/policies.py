@@ -272,9 +272,7 @@ class ScheduledVerification:
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
         """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
-        sps = self.profile.steps_per_second(
-            shape.num_requests, shape.drafted, shape.prefill_tokens, shape.sampled
-        )
+        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.sampled)
         kind = (shape.served > 0, shape.sampled)
         extra = self.costs.extra_seconds(kind, shape.num_requests) if self.costs else 0.0
         if not extra:
@@ -293,15 +291,15 @@ class ScheduledVerification:
         # Algorithm 1 stops at the first admission that does not pay, so that whether a sampled draft token is
         # verified never depends on confidences computed from that token (Appendix A). Greedy drafts are
         # verified by exact match, so that bias cannot arise: a lone greedy request takes the best point of
-        # the whole admission path, past a dear odd row to a free even one (row pairs: at one request a third
-        # row adds ~20% to the step, a fourth nothing). With more requests the early stop stays (going further
-        # out verified more at 16 clients for 7% less throughput, load_ngram_pairs.json, while the profile
-        # priced a batch's odd row at a fraction of its cost), but a greedy step judges an odd row together
-        # with the free even row after it (`free_rows`).
+        # the whole admission path, past a dear row to cheap ones after it (on AVX-512 the block kernel
+        # multiplies up to 4 rows per pass over the weights: at one request a fifth row starts a second pass,
+        # +20% of the step on the 2-core Xeon, and rows 6-8 ride it at +7-8% each). With more requests the
+        # early stop stays (going further out verified more at 16 clients for 7% less throughput,
+        # load_ngram_pairs.json).
         early_stop = shape.sampled or shape.num_requests > 1
         return schedule_prefixes(
             confidences, sps, early_stop=early_stop, base_tokens=shape.num_tokens,
-            base_outputs=shape.num_outputs, min_gain=self.min_gain, free_rows=not shape.sampled,
+            base_outputs=shape.num_outputs, min_gain=self.min_gain,
         )  # fmt: skip
 
     def _pays_off(

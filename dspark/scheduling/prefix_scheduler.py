@@ -31,7 +31,6 @@ def schedule_prefixes(
     base_tokens: int | None = None,
     base_outputs: int | None = None,
     min_gain: float = 0.0,
-    free_rows: bool = False,
 ) -> list[int]:
     """Verification length per request (0 allowed) maximising expected tokens/s.
 
@@ -42,10 +41,6 @@ def schedule_prefixes(
     min_gain: an admission must raise expected tokens/s by this fraction (0: Algorithm 1 as published); a
     hedge against error in the cost profile and the confidences, which matters where gains are thin.
     early_stop=False is the retrospective global search the paper shows to be biased; kept for tests.
-    free_rows: an admission that does not pay is judged again with the next one when that next one costs
-    nothing more (the second row of a pair the kernels compute as one): the early stop would refuse the dear
-    row that the free one pays for. Only for greedy drafts: the pair's verdict reads the next token's
-    confidence, which, from the same request, was computed from this token (the bias of Appendix A).
     """
     num_requests = len(confidences)
     candidates = [
@@ -67,6 +62,6 @@ def schedule_prefixes(
         throughput = expected * steps_per_second(tokens)
         if throughput > best * (1 + min_gain):
             best, best_lengths = throughput, list(lengths)
-        elif early_stop and not (free_rows and steps_per_second(tokens + 1) >= steps_per_second(tokens)):
+        elif early_stop:
             break
     return best_lengths
