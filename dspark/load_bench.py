@@ -39,6 +39,9 @@ class LoadBenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: str | None = Field(None, description="JSONL prompt file (default: data/dev_prompts.jsonl)")
+    skip_prompts: int = Field(
+        0, ge=0, description="take the prompts datasets round-robin and skip this many (held out from tuning)"
+    )
     concurrency: list[int] = Field([1, 2, 4, 8, 16, 32], description="closed-loop clients, one run each")
     policies: list[LoadArm] = Field(
         ["plain", "fixed", "threshold", "scheduler"], description="arms compared (plain: no speculation)"
@@ -147,7 +150,7 @@ def run_load_bench(config: LoadBenchConfig) -> dict:
     if engine.proposer is None:
         raise ValueError("engine.proposer: bench-load compares speculation policies; choose ngram or dspark")
     policies = {name: _policy(engine, name) for name in config.policies}
-    records = load_prompts(config.prompts)
+    records = load_prompts(config.prompts, skip=config.skip_prompts)
     prompts = [engine.encode_prompt(messages=[{"role": "user", "content": r.turns[0]}]) for r in records]
     params = SamplingParams(max_tokens=config.max_tokens)
 

@@ -23,7 +23,7 @@ from dspark.scheduling.cost_profile import (
     profile_key,
     profile_target,
 )
-from dspark.scheduling.policies import COST_WARMUP, MeasuredCosts, ScheduledVerification
+from dspark.scheduling.policies import COST_WARMUP, DRAFT_CALL_MARGIN, MeasuredCosts, ScheduledVerification
 
 
 def _profile(target_ms, draft_ms=None, requests=(1, 4), tokens=(1, 2, 5)) -> CostProfile:
@@ -449,6 +449,24 @@ def test_draft_gate_weighs_a_model_against_the_drafts_its_requests_already_hold(
     assert policy.drafting(shape, 1, "model", [np.array([0.9])]) == 0  # a good lookup draft wins
 
 
+@pytest.mark.parametrize(("draft_ms", "called"), [(5.4, 0), (4.0, 1)])
+def test_a_draft_call_must_promise_more_than_a_thin_gain(draft_ms: float, called: int):
+    """A draft model's call verifying one token at 0.8: 1.8 tokens in draft_ms + 12 ms against 1 in 10 without
+    it. A 5.4 ms call promises +3.4%, past `min_gain` but inside DRAFT_CALL_MARGIN (at 8 clients such calls
+    lost 4-9% in measured steps: 5.9 tokens accepted where the confidences promised 6.4 or more): gated. A
+    4 ms call promises +12.5%: called."""
+    profile = CostProfile(
+        key="t", requests=[1, 4], tokens_per_request=[1, 2, 4],
+        target_ms=[[10.0, 12.0, 16.0], [20.0, 30.0, 50.0]], draft_ms=[draft_ms, 4 * draft_ms],
+    )  # fmt: skip
+    shape, model = StepShape(1, 1, 1), np.array([0.8])
+    gain = 1.8 / (draft_ms + 12) / (1 / 10) - 1
+    assert 0.02 < gain < DRAFT_CALL_MARGIN if not called else gain > DRAFT_CALL_MARGIN
+    policy = ScheduledVerification(profile, min_gain=0.02, measured_costs=False)
+    policy.lengths([model] * 8, shape, ["model"] * 8)
+    assert policy.drafting(shape, 1, "model") == called
+
+
 def test_min_gain_refuses_thin_admissions():
     """A second token costing 11% more time and surviving with 0.12 gains 0.9% in expectation."""
     sps = {1: 1.0, 2: 1 / 1.11}.__getitem__  # the second token costs 11% more time
@@ -460,23 +478,42 @@ def test_min_gain_refuses_thin_admissions():
 # ---- measured step costs ----------------------------------------------------------------------------------
 
 
-def test_measured_costs_learn_each_kinds_extra_per_request_and_clip_stalls():
+def test_measured_costs_learn_each_kinds_ratio_and_clip_stalls():
     costs = MeasuredCosts()
     called, plain = (True, False), (False, False)
     for _ in range(COST_WARMUP - 1):
-        costs.observe(called, predicted=0.010, measured=0.014, num_requests=2)
-    assert costs.extra_seconds(called, 2) == 0.0  # too few steps to steer by
-    costs.observe(called, predicted=0.010, measured=0.014, num_requests=2)
-    assert costs.extra_seconds(called, 2) == pytest.approx(0.004)  # 2 ms per request
-    assert costs.extra_seconds(called, 4) == pytest.approx(0.008)
-    assert costs.extra_seconds(plain, 1) == pytest.approx(0.002)  # unmeasured: borrows the other kind's
-    assert costs.extra_seconds((False, True), 1) == 0.0  # nothing measured while sampling
-    costs.observe(called, predicted=0.010, measured=10.0, num_requests=2)  # a stall counts as 1x predicted
-    mean = 0.002 + (0.005 - 0.002) / (COST_WARMUP + 1)  # a running mean per request until the EMA takes over
-    assert costs.extra_seconds(called, 2) == pytest.approx(2 * mean)
+        costs.observe(called, predicted=0.010, measured=0.014)
+    assert costs.ratio(called) == 1.0  # too few steps to steer by
+    costs.observe(called, predicted=0.010, measured=0.014)
+    assert costs.ratio(called) == pytest.approx(1.4)
+    assert costs.ratio(plain) == pytest.approx(1.4)  # unmeasured: borrows the other kind's
+    assert costs.ratio((False, True)) == 1.0  # nothing measured while sampling
+    costs.observe(called, predicted=0.010, measured=10.0)  # a stall counts as twice the predicted time
+    mean = 1.4 + (2.0 - 1.4) / (COST_WARMUP + 1)  # a running mean until the EMA takes over
+    assert costs.ratio(called) == pytest.approx(mean)
     for _ in range(200):
-        costs.observe(called, predicted=0.010, measured=0.016, num_requests=2)
-    assert costs.extra_seconds(called, 1) == pytest.approx(0.003, rel=1e-3)  # it follows a drifting machine
+        costs.observe(called, predicted=0.010, measured=0.016)
+    assert costs.ratio(called) == pytest.approx(1.6, rel=1e-3)  # it follows a drifting machine
+
+
+def test_a_measured_ratio_leaves_verification_lengths_to_the_profile():
+    """Steps measured 25% dearer than profiled (longer contexts than the profile's) are dearer at every
+    length: the scheduler verifies what the profile alone says. An added 25% of the base step, the same at
+    every length, would make the rows look cheaper and verify more."""
+    profile = _profile([[10.0, 11.0, 14.0], [40.0, 46.0, 64.0]], tokens=(1, 1.5, 2))
+    shape = StepShape(4, 4, 4, drafted=0)
+    confidences = [np.array([0.35, 0.2])] * 4  # one token: 4.35 in 43 ms against 4 in 40, +1.2% < 2%
+    fresh = ScheduledVerification(profile, draft_gate=False, min_gain=0.02)
+    measured = ScheduledVerification(profile, draft_gate=False, min_gain=0.02)
+    for _ in range(COST_WARMUP):
+        measured.observe(shape, 0, 1.25 * profile.step_seconds(4, 4, drafted=0))
+    assert measured.costs.ratio((False, False)) == pytest.approx(1.25)
+    assert measured.lengths(confidences, shape) == fresh.lengths(confidences, shape) == [0, 0, 0, 0]
+
+    def added(num_tokens: int) -> float:  # the old model: 10 ms more on every step
+        return 1 / (profile.step_seconds(4, num_tokens, drafted=0) + 0.010)
+
+    assert schedule_prefixes(confidences, added, base_tokens=4, min_gain=0.02) != [0, 0, 0, 0]
 
 
 def test_draft_gate_weighs_a_draft_call_at_its_measured_cost():
@@ -509,7 +546,7 @@ def test_a_step_measured_cheaper_than_profiled_still_costs_half_its_profiled_tim
     shape = StepShape(4, 4, 4, drafted=0)
     for _ in range(COST_WARMUP):  # 4 requests verifying one token each: profiled 400 ms, measured 20
         policy.observe(shape, 4, 0.020)
-    assert policy.costs.extra_seconds((False, False), 4) == pytest.approx(-0.2)
+    assert policy.costs.ratio((False, False)) == pytest.approx(0.5)
     sps = policy._steps_per_second(shape)
     assert sps(4) == pytest.approx(1 / 0.010)  # a plain step, profiled 20 ms: half of it
     assert sps(8) == pytest.approx(1 / 0.200)  # the verifying step itself: 400 - 200 ms

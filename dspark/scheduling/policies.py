@@ -11,7 +11,7 @@ recent drafts: there its per-step work (lookup, confidences, scheduling) buys no
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
   a source's draft call when its recent drafts could not pay for the call at this batch size. It charges
-  each step what measured steps of its kind cost beyond the profile (`MeasuredCosts`).
+  each step the ratio of measured to profiled time of its kind's recent steps (`MeasuredCosts`).
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ RECENT_DRAFTS = 64  # drafts per source the gate judges it by
 GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
 RATE_UPDATES = 16  # a source's gate rate is recomputed once it took this many drafts
 MAX_RATES = 4096  # cached gate rates (per source and batch shape) before they are dropped
+# Least relative gain in expected tokens/s a costly source's call must promise. At 8 clients the 2-core Xeon
+# measured steps whose drafter call was predicted to gain 2-5% losing 4-9% instead: they accepted 5.9 tokens
+# where the drafts' confidences promised 6.4 or more (`load_hybrid_v7_kernels16.json`: 0.92x the better arm).
+DRAFT_CALL_MARGIN = 0.05
 MAX_EXPLORE_BACKOFF = 16  # a gated source is looked at least every 16 x explore_every gated steps
 
 
@@ -157,50 +161,54 @@ class RecentDrafts:
         return [[newest[(b * size + i) % len(newest)] for i in range(size)] for b in range(count)]
 
 
-COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured extra cost (after the first ones)
-COST_WARMUP = 8  # steps of a kind measured before its extra cost steers
-MAX_EXTRA = 1.0  # one step counts at most this many times its predicted time as extra (a stall, a GC pause)
-MAX_SAVING = 0.5  # and a step measured cheaper than profiled saves at most this share of its predicted time
+COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured cost ratio (after the first ones)
+COST_WARMUP = 8  # steps of a kind measured before its cost ratio steers
+MAX_EXTRA = 1.0  # one step counts at most 1 + this times its predicted time (a stall, a GC pause)
+MAX_SAVING = 0.5  # and at least 1 - this: a profile far too dear must not make a step cost nothing
 
 StepKind = tuple[bool, bool]  # (the step called a draft source, some request in it samples)
 
 
 class MeasuredCosts:
-    """What decoding steps cost beyond the cost profile, learnt from the engine's measured step times, per
-    kind of step and per request: with or without a draft call, greedy or sampling.
+    """What decoding steps cost against the cost profile, learnt from the engine's measured step times, per
+    kind of step: with or without a draft call, greedy or sampling.
 
-    The profile times the target's forward, the draft call and the sampled rows on filler; a real step also
-    pays the engine around them (scheduling, committing, detokenising), a drafter's context update, and, when
-    sampling, each draft's distribution widened to the target's vocabulary. What a kind of step adds beyond
-    the profile is charged to every step of that kind, so the gate weighs a draft call at what it really
-    costs on this machine now, not what it cost while profiling (a machine that drifts by tens of percent
-    within minutes). A kind not yet measured borrows the other kind's extra cost with the same sampling."""
+    The profile times the target's forward, the draft call and the sampled rows on filler over 256 cached
+    positions; a real step also pays the engine around them (scheduling, committing, detokenising), a
+    drafter's context update, longer contexts, and, when sampling, each draft's distribution widened to the
+    target's vocabulary. A kind's steps are charged the ratio of measured to profiled time that its recent
+    steps showed, so the gate weighs a draft call at what it really costs on this machine now, not what it
+    cost while profiling (a machine that drifts by tens of percent within minutes). A ratio, not an added
+    time: an added time is the same for every verification length and so made rows look cheaper than they
+    are (16 clients on long held-out prompts measured steps ~25% over the profile; charged as a time per
+    request, it made verifying look nearly free, and the scheduler lost 5% to plain decoding,
+    `load_hybrid_v7_kernels16_margin_heldout.json`), and learnt at one load it misjudged another. A kind not
+    yet measured borrows the other kind's ratio with the same sampling."""
 
     def __init__(self) -> None:
-        self._extra: dict[StepKind, float] = {}  # seconds per request
+        self._ratio: dict[StepKind, float] = {}
         self._seen: dict[StepKind, int] = {}
 
-    def observe(self, kind: StepKind, predicted: float, measured: float, num_requests: int) -> None:
-        extra = min(max(measured - predicted, -MAX_SAVING * predicted), MAX_EXTRA * predicted)
-        extra /= max(num_requests, 1)
+    def observe(self, kind: StepKind, predicted: float, measured: float) -> None:
+        ratio = min(max(measured / predicted, 1 - MAX_SAVING), 1 + MAX_EXTRA) if predicted > 0 else 1.0
         seen = self._seen.get(kind, 0) + 1
-        mean = self._extra.get(kind, 0.0)
-        self._extra[kind] = mean + max(1 / seen, COST_SMOOTHING) * (extra - mean)  # a mean, then an EMA
+        mean = self._ratio.get(kind, 1.0)
+        self._ratio[kind] = mean + max(1 / seen, COST_SMOOTHING) * (ratio - mean)  # a mean, then an EMA
         self._seen[kind] = seen
 
     def summary(self) -> dict[str, float]:
-        """Measured extra ms per request by kind, for reports ('draft call, sampled': 1.2)."""
+        """Measured / profiled step time by kind, for reports ('draft call, sampled': 1.12)."""
         names = {True: "draft call", False: "no draft call"}
         return {
-            f"{names[called]}, {'sampled' if sampled else 'greedy'}": round(1000 * extra, 3)
-            for (called, sampled), extra in sorted(self._extra.items())
+            f"{names[called]}, {'sampled' if sampled else 'greedy'}": round(ratio, 3)
+            for (called, sampled), ratio in sorted(self._ratio.items())
         }
 
-    def extra_seconds(self, kind: StepKind, num_requests: int) -> float:
+    def ratio(self, kind: StepKind) -> float:
         for known in (kind, (not kind[0], kind[1])):
             if self._seen.get(known, 0) >= COST_WARMUP:
-                return self._extra[known] * num_requests
-        return 0.0
+                return self._ratio[known]
+        return 1.0
 
 
 class ScheduledVerification:
@@ -268,21 +276,17 @@ class ScheduledVerification:
         predicted = self.profile.step_seconds(
             shape.num_requests, shape.num_tokens + verified, shape.served, sampled=shape.sampled
         )
-        self.costs.observe((shape.served > 0, shape.sampled), predicted, seconds, shape.num_requests)
+        self.costs.observe((shape.served > 0, shape.sampled), predicted, seconds)
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
         """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
         sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.sampled)
-        kind = (shape.served > 0, shape.sampled)
-        extra = self.costs.extra_seconds(kind, shape.num_requests) if self.costs else 0.0
-        if not extra:
+        ratio = self.costs.ratio((shape.served > 0, shape.sampled)) if self.costs else 1.0
+        if ratio == 1.0:
             return sps
 
-        # A step measured cheaper than profiled saves at most MAX_SAVING of its time (as each observation is
-        # clipped): a profile far too dear for other shapes must not make a step cost nothing, or less.
         def corrected(num_tokens: int) -> float:
-            seconds = 1 / sps(num_tokens)
-            return 1 / max(seconds + extra, (1 - MAX_SAVING) * seconds)
+            return sps(num_tokens) / ratio
 
         return corrected
 
@@ -309,9 +313,9 @@ class ScheduledVerification:
         the step yields without calling it: no draft time, and the candidates' `fallback` drafts (none:
         plain decoding)? The call's draft time is that of `shape.drafted` requests (None: all the
         candidates; a free source: 0). A free source costs only its per-step Python: it drafts wherever
-        anything would be verified; a costly one must gain `min_gain` more."""
+        anything would be verified; a costly one must gain DRAFT_CALL_MARGIN (`min_gain` if larger) more."""
         called = shape if shape.drafted is not None else replace(shape, drafted=candidates)
-        margin = self.min_gain if called.drafted else 0.0
+        margin = max(self.min_gain, DRAFT_CALL_MARGIN) if called.drafted else 0.0
         without = self._rate(fallback, replace(shape, drafted=0))  # the fallback drafts are free
         return self._source_rate(called, candidates, source) > without * (1 + margin)
 
