@@ -279,7 +279,7 @@ class ScheduledVerification:
         self.costs.observe((shape.served > 0, shape.sampled), predicted, seconds)
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
-        """The profile's SPS(B) for the shape, with what measured steps of its kind cost beyond it."""
+        """The profile's SPS(B) for the shape, scaled by its kind's measured / profiled step time."""
         sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.sampled)
         ratio = self.costs.ratio((shape.served > 0, shape.sampled)) if self.costs else 1.0
         if ratio == 1.0:
