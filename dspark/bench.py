@@ -11,6 +11,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from dspark.models.loader import resolve_model_dir
 from dspark.prompts import load_prompts, write_json
 from dspark.sampling import SamplingParams
 from dspark.scheduling.cost_profile import measure_profile
-from dspark.scheduling.policies import PolicyName, VerificationConfig
+from dspark.scheduling.policies import PolicyName, ScheduledVerification, VerificationConfig
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,11 @@ def run_bench(config: BenchConfig) -> dict:
         "speedup_vs_plain": {name: _ratio(rows, name, "plain") for name in runners if name != "plain"},
         "identical_outputs": sum(r["identical_outputs"] for r in rows),
         "speculation": {name: e.stats.summary().model_dump() for name, e in spec_engines.items()},
+        "measured_costs": {  # what the scheduler learnt its steps cost against the profile
+            name: {kind: asdict(fit) for kind, fit in e.policy.costs.summary().items()}
+            for name, e in spec_engines.items()
+            if isinstance(e.policy, ScheduledVerification) and e.policy.costs is not None
+        },
     }
     if config.compare_transformers:
         report["speedup_vs_transformers"] = {

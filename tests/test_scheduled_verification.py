@@ -3,6 +3,7 @@ the target's distribution when the scheduler cuts drafts on token-dependent conf
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -14,7 +15,7 @@ from dspark.engine import EngineConfig
 from dspark.proposers import Draft, DraftRequest, Proposer
 from dspark.sampling import SamplingParams
 from dspark.scheduling import CostProfile, VerificationConfig
-from dspark.scheduling.policies import ScheduledVerification
+from dspark.scheduling.policies import CostFit, ScheduledVerification
 
 
 @pytest.fixture(scope="module")
@@ -176,5 +177,10 @@ def test_the_engine_reports_each_step_its_draft_call_and_verified_tokens(default
     assert set(called) <= {0, 1} and sum(called) >= len(called) - 1
     assert sum(v for _, v, _ in steps) == engine.stats.drafted > 0
     assert all(seconds > 0 for _, _, seconds in steps)
-    learnt = engine.policy.costs.ratio((True, False))
-    assert learnt != 1.0 and 0.5 <= learnt <= 2.0  # learnt from the steps, clipped to [0.5, 2]
+    # Each decoding step reads the positions cached before it: the prompt and the draft tokens its step
+    # accepted, then every token committed since (the fed token and the accepted ones: 1 to 1 + verified).
+    assert len(prompt) <= steps[1][0].cached <= len(prompt) + steps[0][1]
+    for (before, verified, _), (after, _, _) in itertools.pairwise(steps[1:]):
+        assert 1 <= after.cached - before.cached <= 1 + verified
+    learnt = engine.policy.costs.fit((True, False))
+    assert learnt != CostFit() and 0.5 <= learnt.scale <= 2.0  # learnt from the steps, clipped to [0.5, 2]

@@ -17,13 +17,23 @@ from dspark.scheduling import (
     schedule_prefixes,
 )
 from dspark.scheduling.cost_profile import (
+    LONG_CONTEXT,
+    PROFILE_CONTEXT,
     ProfileMeasurement,
     cached_or_measurement,
     plausibility,
+    profile_context,
     profile_key,
     profile_target,
 )
-from dspark.scheduling.policies import COST_WARMUP, DRAFT_CALL_MARGIN, MeasuredCosts, ScheduledVerification
+from dspark.scheduling.policies import (
+    COST_SMOOTHING,
+    COST_WARMUP,
+    DRAFT_CALL_MARGIN,
+    CostFit,
+    MeasuredCosts,
+    ScheduledVerification,
+)
 
 
 def _profile(target_ms, draft_ms=None, requests=(1, 4), tokens=(1, 2, 5)) -> CostProfile:
@@ -183,6 +193,49 @@ def test_fractional_token_counts_are_measured_as_a_few_requests_verifying(defaul
     assert target_ms[1] == [20.0, 25.0, 30.0, 40.0, 60.0]
     # 1 request: 1.25 and 1.5 lie on the line from 1 to 2 tokens
     assert target_ms[0] == [10.0, 12.5, 15.0, 20.0, 30.0]
+
+
+def test_context_costs_are_measured_per_request_and_per_row(default_model, monkeypatch):
+    """Forwards at the profile's context and a long one, for one row and the longest verification: a time
+    per 1000 cached positions per request and per row, recovered from a machine whose forwards "take"
+    10 ms + 2 ms a row + (4 ms + 0.8 ms a row) per 1000 cached positions."""
+    fed: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    forward = default_model.forward
+    last: list = []
+
+    def recording(tokens, layout, cache, *args, **kwargs):
+        last[:] = [list(layout.starts), list(layout.num_new)]
+        return forward(tokens, layout, cache, *args, **kwargs)
+
+    def modelled_ms(runs, rounds=1):
+        for shape, run in runs.items():
+            run()
+            fed[shape] = tuple(last)
+            yield
+        return {(c, t): 10 + 2 * t + c / 1000 * (4 + 0.8 * t) for c, t in fed}
+
+    monkeypatch.setattr(default_model, "forward", recording)
+    monkeypatch.setattr(cost_profile, "_interleaved_medians", modelled_ms)
+    gen = profile_context(default_model, 8)
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(gen)
+    assert done.value.value == (pytest.approx(4.0), pytest.approx(0.8))
+    assert fed == {(c, t): ([c], [t]) for c in (PROFILE_CONTEXT, LONG_CONTEXT) for t in (1, 8)}
+
+
+def test_steps_over_longer_contexts_cost_more_per_request_and_per_row():
+    profile = _profile(GOOD).model_copy(update={"context_request_ms": 4.0, "context_row_ms": 0.8})
+    base = profile.step_seconds(4, 8, drafted=0)
+    assert profile.step_seconds(4, 8, drafted=0, cached=4 * PROFILE_CONTEXT) == pytest.approx(base)
+    # 4 requests 1000 positions past the profile's context each, 8 rows: 4 x 4 + 8 x 0.8 ms more
+    longer = profile.step_seconds(4, 8, drafted=0, cached=4 * (PROFILE_CONTEXT + 1000))
+    assert longer == pytest.approx(base + (16 + 6.4) / 1000)
+    assert profile.steps_per_second(4, 0, cached=4 * (PROFILE_CONTEXT + 1000))(8) == pytest.approx(1 / longer)
+    # shorter contexts cost less, but never less than half the profile's forward
+    assert profile.step_seconds(4, 8, drafted=0, cached=4 * (PROFILE_CONTEXT - 100)) < base
+    steep = profile.model_copy(update={"context_request_ms": 40.0})  # 4 x 40 x 0.256 ms less at no context
+    assert steep.step_seconds(4, 8, drafted=0, cached=0) == pytest.approx(base / 2)
 
 
 def test_plausibility_allows_noise_and_rejects_shapes_that_cost_much_less():
@@ -479,21 +532,67 @@ def test_min_gain_refuses_thin_admissions():
 
 
 def test_measured_costs_learn_each_kinds_ratio_and_clip_stalls():
+    """Steps of one shape carry no slope: the fit is the plain ratio of measured to profiled time."""
     costs = MeasuredCosts()
     called, plain = (True, False), (False, False)
     for _ in range(COST_WARMUP - 1):
         costs.observe(called, predicted=0.010, measured=0.014)
-    assert costs.ratio(called) == 1.0  # too few steps to steer by
+    assert costs.fit(called) == CostFit()  # too few steps to steer by
     costs.observe(called, predicted=0.010, measured=0.014)
-    assert costs.ratio(called) == pytest.approx(1.4)
-    assert costs.ratio(plain) == pytest.approx(1.4)  # unmeasured: borrows the other kind's
-    assert costs.ratio((False, True)) == 1.0  # nothing measured while sampling
+    assert costs.fit(called).scale == pytest.approx(1.4) and costs.fit(called).extra == pytest.approx(0)
+    assert costs.fit(plain) == costs.fit(called)  # unmeasured: borrows the other kind's
+    assert costs.fit((False, True)) == CostFit()  # nothing measured while sampling
     costs.observe(called, predicted=0.010, measured=10.0)  # a stall counts as twice the predicted time
     mean = 1.4 + (2.0 - 1.4) / (COST_WARMUP + 1)  # a running mean until the EMA takes over
-    assert costs.ratio(called) == pytest.approx(mean)
+    assert costs.fit(called).seconds(0.010) == pytest.approx(0.010 * mean)
     for _ in range(200):
         costs.observe(called, predicted=0.010, measured=0.016)
-    assert costs.ratio(called) == pytest.approx(1.6, rel=1e-3)  # it follows a drifting machine
+    assert costs.fit(called).seconds(0.010) == pytest.approx(0.016, rel=1e-3)  # it follows a drifting machine
+
+
+def test_measured_costs_split_a_time_per_step_from_a_scale_on_the_profile():
+    """Steps of several lengths: what they measure beyond the profile splits into a time per step and a
+    scale, fitted by least squares against an independent fit (numpy's polyfit) of the same steps."""
+    costs = MeasuredCosts()
+    rng = np.random.default_rng(0)
+    predicted = rng.uniform(0.010, 0.040, 400)
+    measured = 1.1 * predicted + 0.003 + rng.normal(0, 0.0002, 400)
+    for x, y in zip(predicted, measured, strict=True):
+        costs.observe((False, False), x, y)
+    fit = costs.fit((False, False))
+    assert fit.scale == pytest.approx(1.1, abs=0.03) and fit.extra == pytest.approx(0.003, abs=0.0006)
+    weights = np.zeros(400)  # each step's weight in the running mean, then the EMA
+    for i in range(400):
+        step = max(COST_SMOOTHING, 1 / (i + 1))
+        weights = (1 - step) * weights
+        weights[i] = step
+    slope, intercept = np.polyfit(predicted, measured, 1, w=np.sqrt(weights))
+    assert fit.scale == pytest.approx(slope, abs=0.02) and fit.extra == pytest.approx(intercept, abs=0.0005)
+
+
+def test_a_time_per_step_leaves_the_rows_their_profiled_price():
+    """At one request a step measures the profile plus 3 ms of engine time, whatever its length. Fitted as
+    a time per step, each row keeps its profiled price, so a longer verification spreads that time over more
+    tokens: the scheduler verifies what it would with the 3 ms added to the profile. The plain ratio of the
+    means (the older model) scales every length alike and so verified what the profile alone says."""
+    profile = _profile([[10.0, 12.0, 15.0, 18.0], [20.0, 40.0, 80.0, 160.0]], tokens=(1, 2, 3, 4))
+    shape = StepShape(1, 1, 1, drafted=0)
+    confidences = [np.array([0.6, 0.6, 0.3])]  # survival 0.6, 0.36, 0.108
+    policy = ScheduledVerification(profile, draft_gate=False, min_gain=0.0)
+    for tokens in [1, 2, 3, 4] * 8:
+        policy.observe(shape, tokens - 1, profile.step_seconds(1, tokens, drafted=0) + 0.003)
+    fit = policy.costs.fit((False, False))
+    # (the slope shrunk a little towards the ratio of the means, 1.22: these steps spread by ~22%)
+    assert fit.scale == pytest.approx(1.0, abs=0.02) and fit.extra == pytest.approx(0.003, abs=4e-4)
+
+    def added(num_tokens: int) -> float:
+        return 1 / (profile.step_seconds(1, num_tokens, drafted=0) + 0.003)
+
+    def ratio(num_tokens: int) -> float:  # 3 ms over a mean profiled 13.75 ms
+        return 1 / (profile.step_seconds(1, num_tokens, drafted=0) * (1 + 3 / 13.75))
+
+    assert policy.lengths(confidences, shape) == schedule_prefixes(confidences, added, base_tokens=1) == [2]
+    assert schedule_prefixes(confidences, ratio, base_tokens=1) == [1]  # 1.96 / 15 ms < 1.6 / 12 ms
 
 
 def test_a_measured_ratio_leaves_verification_lengths_to_the_profile():
@@ -507,7 +606,7 @@ def test_a_measured_ratio_leaves_verification_lengths_to_the_profile():
     measured = ScheduledVerification(profile, draft_gate=False, min_gain=0.02)
     for _ in range(COST_WARMUP):
         measured.observe(shape, 0, 1.25 * profile.step_seconds(4, 4, drafted=0))
-    assert measured.costs.ratio((False, False)) == pytest.approx(1.25)
+    assert measured.costs.fit((False, False)) == CostFit(scale=pytest.approx(1.25), extra=pytest.approx(0))
     assert measured.lengths(confidences, shape) == fresh.lengths(confidences, shape) == [0, 0, 0, 0]
 
     def added(num_tokens: int) -> float:  # the old model: 10 ms more on every step
@@ -546,7 +645,7 @@ def test_a_step_measured_cheaper_than_profiled_still_costs_half_its_profiled_tim
     shape = StepShape(4, 4, 4, drafted=0)
     for _ in range(COST_WARMUP):  # 4 requests verifying one token each: profiled 400 ms, measured 20
         policy.observe(shape, 4, 0.020)
-    assert policy.costs.ratio((False, False)) == pytest.approx(0.5)
+    assert policy.costs.fit((False, False)).scale == pytest.approx(0.5)
     sps = policy._steps_per_second(shape)
     assert sps(4) == pytest.approx(1 / 0.010)  # a plain step, profiled 20 ms: half of it
     assert sps(8) == pytest.approx(1 / 0.200)  # the verifying step itself: 400 - 200 ms

@@ -313,7 +313,8 @@ class Engine:
         decoding = sum(len(s.chunk) == 1 for s in scheduled)
         prefill = sum(len(s.chunk) for s in scheduled if len(s.chunk) > 1)
         sampled = any(not s.request.params.greedy for s in finals)  # dearer rows (and draft call)
-        shape = StepShape(decoding, decoding, len(finals), prefill, sampled=sampled)
+        cached = sum(s.request.num_cached for s in scheduled if len(s.chunk) == 1)  # what attention reads
+        shape = StepShape(decoding, decoding, len(finals), prefill, sampled=sampled, cached=cached)
         report = self.last_step
         report.could_draft = len(wanted)
         if not wanted:

@@ -125,6 +125,13 @@ struct QueryRow {
 };
 
 constexpr int64_t kKeyChunk = 64;  // 16 KB of keys or values at head dim 64
+constexpr int64_t kRowsPerItem = 24;  // a verify block of 8 tokens x 3 query heads per KV head
+
+// Rows per work item of a step's attention (`rows` query rows in all): up to kRowsPerItem rows share one
+// item's pass over K and V, fewer when the step has few rows, so that every thread gets ~4 items.
+inline int64_t rows_per_item(int64_t rows, int64_t threads) {
+  return std::clamp<int64_t>((rows + 4 * threads - 1) / (4 * threads), 1, kRowsPerItem);
+}
 
 class RowsScratch {
  public:

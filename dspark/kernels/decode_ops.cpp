@@ -59,8 +59,6 @@ torch::Tensor block_attention(const torch::Tensor& q_in, const torch::Tensor& k,
   return out;
 }
 
-constexpr int64_t kRowsPerItem = 24;  // a verify block of 8 tokens x 3 query heads per KV head
-
 // Attention of a whole ragged batch of short blocks in one call: the per-request Python loop it replaces
 // cost more than the arithmetic at batch 8+. Appends every request's new keys/values to its cache slot,
 // then each (request, query head) attends causally within its block and to everything cached before it.
@@ -102,10 +100,8 @@ torch::Tensor ragged_attention(const torch::Tensor& q_in, const torch::Tensor& k
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // Work items: a request's KV head with some of the query rows reading it (its group's heads x the block's
-  // tokens), so K and V are read once per item (attend_rows). Items of up to kRowsPerItem rows, fewer when the
-  // step has few rows, so that every thread gets several items.
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_item = std::clamp<int64_t>((T * H + 4 * threads - 1) / (4 * threads), 1, kRowsPerItem);
+  // tokens), so K and V are read once per item (attend_rows).
+  const int64_t per_item = dspark::rows_per_item(T * H, at::get_num_threads());
   struct Item {
     int64_t r, g, first, last;  // rows [first, last) of the group's group * n, token-major
   };

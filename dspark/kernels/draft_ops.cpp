@@ -138,8 +138,7 @@ torch::Tensor draft_layers(torch::Tensor x, const torch::Tensor& cos, const torc
     const float* Q = q.data_ptr<float>();
     float* O = attn.data_ptr<float>();
     // items as in ragged_attention (decode_ops.cpp): a request's KV head with some of the rows reading it
-    const int64_t threads = at::get_num_threads();
-    const int64_t per_item = std::clamp<int64_t>((T * heads + 4 * threads - 1) / (4 * threads), 1, 24);
+    const int64_t per_item = dspark::rows_per_item(T * heads, at::get_num_threads());
     const int64_t items_per_group = (group * rows + per_item - 1) / per_item;
     at::parallel_for(0, R * kv_heads * items_per_group, 1, [&](int64_t begin, int64_t end) {
       dspark::RowsScratch scratch;

@@ -5,7 +5,10 @@ target's forward time for (n, B), plus, when prompt chunks ride along, their pre
 measured once per machine, model, thread count and batch limit (seconds), cached as JSON, and
 interpolated: linearly in tokens per request, and in log n between the profiled request counts.
 Per-request work (ragged attention, KV bookkeeping) makes time depend on n, not only on B, so the decode
-table is two-dimensional.
+table is two-dimensional. The table is timed over PROFILE_CONTEXT cached positions per request; attention
+reads every cached key and value, so longer contexts cost more: per 1000 cached positions beyond it, a time
+per request (reading its keys and values once) and a time per row, timed at one request
+(`profile_context`).
 
 A measurement is checked before the scheduler steers by it (`plausibility`): more tokens per request, more
 requests or a longer prompt chunk never cost much less than fewer (beyond timing noise), and a remeasured
@@ -51,8 +54,9 @@ log = logging.getLogger(__name__)
 # between 3 and 5 hid.
 TOKENS_PER_REQUEST = (1, 1.25, 1.5, 2, 3, 4, 5, 6, 7, 8, 9, 17)
 PROFILE_CONTEXT = 256  # cached positions per request while profiling: a typical chat turn
+LONG_CONTEXT = 1280  # and where the cost of context is timed against it (held-out prompts reach ~1,500)
 PREFILL_TOKENS = (32, 128, 512)
-PROFILE_VERSION = 17  # bump when the step's code path or shapes change what it costs (kernels: their digest)
+PROFILE_VERSION = 18  # bump when the step's code path or shapes change what it costs (kernels: their digest)
 
 
 class CostProfile(BaseModel):
@@ -72,6 +76,12 @@ class CostProfile(BaseModel):
     sampled_row_ms: float = 0.0
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
+    # What 1000 cached positions beyond PROFILE_CONTEXT add to a step: per decoding request (its keys and
+    # values read once) and per row it feeds (each row's scores and weighted values). Measured at 300 and
+    # 1,500 cached positions on the 2-core Xeon: 1 row 5.2 ms per 1000, 8 rows 11.2 (attention reads fp32
+    # keys and values at the memory's bandwidth).
+    context_request_ms: float = 0.0
+    context_row_ms: float = 0.0
 
     def target_seconds(self, num_requests: int, num_tokens: int) -> float:
         curve = self._target_curve(num_requests)
@@ -104,33 +114,50 @@ class CostProfile(BaseModel):
         drafted: int | None = None,
         prefill_tokens: int = 0,
         sampled: bool = False,
+        cached: int | None = None,
     ) -> float:
         """A step's time; the draft call served `drafted` of the requests (None: all of them), `sampled`:
-        some of them sample."""
+        some of them sample; `cached`: positions cached by the decoding requests in all (None: the profile's
+        PROFILE_CONTEXT each)."""
         draft = self.draft_seconds(num_requests if drafted is None else drafted, sampled)
-        target = self.target_seconds(num_requests, num_tokens)
+        target = self._with_context(
+            1000 * self.target_seconds(num_requests, num_tokens), num_requests, num_tokens, cached
+        )
         extra = self.sampling_seconds(num_tokens, sampled) + self.prefill_seconds(prefill_tokens)
-        return draft + target + extra
+        return draft + target / 1000 + extra
+
+    def _with_context(
+        self, target_ms: float, num_requests: int, num_tokens: int, cached: int | None
+    ) -> float:
+        """The forward's ms with the decoding requests' `cached` positions in place of PROFILE_CONTEXT each:
+        per request and per row (the rows spread evenly over the requests); at least half the profile's."""
+        if cached is None or not num_requests:
+            return target_ms
+        beyond = cached / num_requests - PROFILE_CONTEXT  # per request, thousands below
+        extra = (self.context_request_ms * num_requests + self.context_row_ms * num_tokens) * beyond / 1000
+        return max(target_ms + extra, target_ms / 2)
 
     def sampling_seconds(self, num_tokens: int, sampled: bool) -> float:
         """What the rows of a step add when some request in it samples."""
         return self.sampled_row_ms * num_tokens / 1000 if sampled else 0.0
 
     def steps_per_second(
-        self, num_requests: int, drafted: int | None = None, sampled: bool = False
+        self, num_requests: int, drafted: int | None = None, sampled: bool = False, cached: int | None = None
     ) -> Callable[[int], float]:
         """SPS(B) for the decoding part of a step of `num_requests` decoding requests feeding B tokens,
         `drafted` of them drafted for (`sampled`: some of those sample): what Algorithm 1 trades against tau.
         The time of prompt chunks riding along, paid whatever is drafted, is left out: charged to the step, a
         300 ms chunk made a 30 ms draft call look nearly free (at 32 clients, steps with chunks paid ~3.8 ms
         per accepted draft token, draft calls and verified rows, where a full decoding step costs 2.8 ms per
-        token). Asked for many B each step: the parts that do not depend on B are computed once."""
+        token). `cached`: as in `step_seconds`. Asked for many B each step: the parts that do not depend on
+        B are computed once."""
         fixed_ms = 1000 * self.draft_seconds(num_requests if drafted is None else drafted, sampled)
         curve, grid = self._target_curve(num_requests), self.tokens_per_request
         requests, row_ms = max(num_requests, 1), self.sampled_row_ms if sampled else 0.0
 
         def sps(num_tokens: int) -> float:
             target_ms = _interp_extrapolated(num_tokens / requests, grid, curve)
+            target_ms = self._with_context(target_ms, num_requests, num_tokens, cached)
             return 1000 / (fixed_ms + row_ms * num_tokens + target_ms)
 
         return sps
@@ -211,9 +238,15 @@ def plausibility(profile: CostProfile, reference: CostProfile | None = None) -> 
     found._monotone(profile.draft_ms, [f"{n} requests" for n in counts], "draft call")
     if profile.sampled_draft_ms:
         found._monotone(profile.sampled_draft_ms, [f"{n} requests" for n in counts], "sampled draft call")
-    if not (math.isfinite(profile.sampled_row_ms) and profile.sampled_row_ms >= 0):
-        found.problems.append(f"sampled rows: {profile.sampled_row_ms} ms is not a duration")
-        found.score += 1.0
+    durations = {
+        "sampled rows": profile.sampled_row_ms,
+        "context per request": profile.context_request_ms,
+        "context per row": profile.context_row_ms,
+    }
+    for what, ms in durations.items():
+        if not (math.isfinite(ms) and ms >= 0):
+            found.problems.append(f"{what}: {ms} ms is not a duration")
+            found.score += 1.0
     if reference is not None and _same_shapes(profile, reference):
         now = [v for row in profile.target_ms for v in row] + list(profile.prefill_ms)
         before = [v for row in reference.target_ms for v in row] + list(reference.prefill_ms)
@@ -330,6 +363,31 @@ def _fill_between(measured_at: list[float], measured: list[float], grid: Sequenc
     return [round(_interp_extrapolated(t, measured_at, measured), 3) for t in grid]
 
 
+def profile_context(model: Transformer, max_tokens: int) -> Generator[None, None, tuple[float, float]]:
+    """What 1000 cached positions beyond PROFILE_CONTEXT add to one request's forward: (per request, per
+    row), from 1 and `max_tokens` rows at PROFILE_CONTEXT and LONG_CONTEXT cached positions (never below 0:
+    noise must not make context look free)."""
+    cache = model.new_cache(2, LONG_CONTEXT + max_tokens)
+    long, short = cache.allocate(), cache.allocate()
+    model(torch.randint(0, model.cfg.vocab_size, (LONG_CONTEXT,)), model.layout([long], [0], [LONG_CONTEXT]),
+          cache, torch.tensor([0]))  # fmt: skip
+    cache.copy_slot(long, short)
+    cache.rollback(short, PROFILE_CONTEXT)  # the same filler, cut short
+    slots = {PROFILE_CONTEXT: short, LONG_CONTEXT: long}
+
+    def forward(context: int, rows: int) -> None:
+        tokens = torch.randint(0, model.cfg.vocab_size, (rows,))
+        model(tokens, model.layout([slots[context]], [context], [rows]), cache, torch.arange(rows))
+        cache.rollback(slots[context], context)
+
+    shapes = [(c, t) for c in (PROFILE_CONTEXT, LONG_CONTEXT) for t in (1, max_tokens)]
+    ms = yield from _interleaved_medians({shape: lambda shape=shape: forward(*shape) for shape in shapes})
+    per_1000 = {t: 1000 * (ms[LONG_CONTEXT, t] - ms[PROFILE_CONTEXT, t]) / (LONG_CONTEXT - PROFILE_CONTEXT)
+                for t in (1, max_tokens)}  # fmt: skip
+    row = max(per_1000[max_tokens] - per_1000[1], 0.0) / (max_tokens - 1) if max_tokens > 1 else 0.0
+    return round(max(per_1000[1] - row, 0.0), 4), round(row, 4)
+
+
 def profile_prefill(model: Transformer) -> Generator[None, None, list[float]]:
     """Median forward ms of one prompt chunk of each PREFILL_TOKENS length, from an empty slot."""
     cache = model.new_cache(1, max(PREFILL_TOKENS))
@@ -431,6 +489,7 @@ def profile_sampled_rows(vocab_size: int) -> Generator[None, None, float]:
 def _measure(
     model: Transformer, proposer: Proposer | None, counts: list[int], grid: list[int], length: int, key: str
 ) -> Generator[None, None, CostProfile]:
+    context_request_ms, context_row_ms = yield from profile_context(model, math.ceil(max(grid)))
     return CostProfile(
         key=key,
         requests=counts,
@@ -441,6 +500,8 @@ def _measure(
         sampled_row_ms=(yield from profile_sampled_rows(model.cfg.vocab_size)),
         prefill_tokens=list(PREFILL_TOKENS),
         prefill_ms=(yield from profile_prefill(model)),
+        context_request_ms=context_request_ms,
+        context_row_ms=context_row_ms,
     )
 
 
@@ -468,6 +529,7 @@ class ProfileMeasurement:
         self.runs_per_attempt = ROUNDS * (len(counts) * len(grid) + len(PREFILL_TOKENS))
         self.runs_per_attempt += 2 * ROUNDS * len(counts) if proposer is not None else 0  # greedy, sampled
         self.runs_per_attempt += 2 * ROUNDS  # sampled rows: 1 and SAMPLED_ROWS
+        self.runs_per_attempt += 4 * ROUNDS  # context: 2 lengths x 2 row counts
         self.total_runs = self.runs_per_attempt
         self.path = path
         self.reference = reference
@@ -602,5 +664,7 @@ def _describe(profile: CostProfile) -> str:
         f"draft ms by requests {dict(zip(profile.requests, profile.draft_ms, strict=True))} "
         f"(sampled {dict(zip(profile.requests, profile.sampled_draft_ms, strict=False))}); "
         f"sampled rows {profile.sampled_row_ms} ms each; "
+        f"per 1000 cached positions {profile.context_request_ms} ms a request, "
+        f"{profile.context_row_ms} a row; "
         f"prefill ms by chunk {dict(zip(profile.prefill_tokens, profile.prefill_ms, strict=True))}"
     )

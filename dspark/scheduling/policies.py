@@ -11,7 +11,8 @@ recent drafts: there its per-step work (lookup, confidences, scheduling) buys no
 - `threshold`: verify the prefix whose survival probability stays above a static threshold.
 - `scheduler`: the hardware-aware prefix scheduler (Algorithm 1) on the profiled cost curve; it also skips
   a source's draft call when its recent drafts could not pay for the call at this batch size. It charges
-  each step the ratio of measured to profiled time of its kind's recent steps (`MeasuredCosts`).
+  each step what its kind's recent steps measured against the profile: a scale and a time per step
+  (`MeasuredCosts`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class VerificationConfig(BaseModel):
         0.02, ge=0, lt=1, description="scheduler: least relative gain in expected tokens/s per admitted token"
     )
     measured_costs: bool = Field(
-        True, description="scheduler: add what measured steps cost beyond the profile to its step times"
+        True, description="scheduler: refit the profile's step times to what measured steps cost"
     )
     profile_cache: bool = Field(True, description="cache the cost profile per machine and model")
 
@@ -54,7 +55,8 @@ class StepShape:
     (one per request whose pending tokens it completes), the prompt-chunk tokens riding along, how many
     requests the profiled draft call serves (None: every decoding request; a hybrid's free lookup: 0), and
     whether some of its requests sample (every row then costs the profile's sampled row time, and a draft
-    call its sampled draft time)."""
+    call its sampled draft time), and the positions its decoding requests hold cached in all (None: the
+    profile's context each; longer contexts make every row dearer)."""
 
     num_requests: int
     num_tokens: int
@@ -62,6 +64,7 @@ class StepShape:
     prefill_tokens: int = 0
     drafted: int | None = None
     sampled: bool = False
+    cached: int | None = None
 
     @property
     def served(self) -> int:
@@ -135,6 +138,7 @@ RECENT_DRAFTS = 64  # drafts per source the gate judges it by
 GATE_SAMPLES = 8  # batches of recent drafts a gate verdict averages over
 RATE_UPDATES = 16  # a source's gate rate is recomputed once it took this many drafts
 MAX_RATES = 4096  # cached gate rates (per source and batch shape) before they are dropped
+CONTEXT_BUCKET = 128  # cached positions per request within which a cached gate rate still holds
 # Least relative gain in expected tokens/s a costly source's call must promise. At 8 clients the 2-core Xeon
 # measured steps whose drafter call was predicted to gain 2-5% losing 4-9% instead: they accepted 5.9 tokens
 # where the drafts' confidences promised 6.4 or more (`load_hybrid_v7_kernels16.json`: 0.92x the better arm).
@@ -161,12 +165,26 @@ class RecentDrafts:
         return [[newest[(b * size + i) % len(newest)] for i in range(size)] for b in range(count)]
 
 
-COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured cost ratio (after the first ones)
-COST_WARMUP = 8  # steps of a kind measured before its cost ratio steers
+COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured cost fit (after the first ones)
+COST_WARMUP = 8  # steps of a kind measured before its cost fit steers
+COST_SPREAD = 0.05  # relative spread of predicted times at which a kind's fit trusts its slope by half
 MAX_EXTRA = 1.0  # one step counts at most 1 + this times its predicted time (a stall, a GC pause)
 MAX_SAVING = 0.5  # and at least 1 - this: a profile far too dear must not make a step cost nothing
 
 StepKind = tuple[bool, bool]  # (the step called a draft source, some request in it samples)
+
+
+@dataclass(frozen=True)
+class CostFit:
+    """A kind of step's measured time as `scale` x its profiled time + `extra` seconds."""
+
+    scale: float = 1.0
+    extra: float = 0.0
+
+    def seconds(self, profiled: float) -> float:
+        """The step's expected time, kept within [1 - MAX_SAVING, 1 + MAX_EXTRA] x the profile's."""
+        expected = self.scale * profiled + self.extra
+        return min(max(expected, (1 - MAX_SAVING) * profiled), (1 + MAX_EXTRA) * profiled)
 
 
 class MeasuredCosts:
@@ -174,41 +192,59 @@ class MeasuredCosts:
     kind of step: with or without a draft call, greedy or sampling.
 
     The profile times the target's forward, the draft call and the sampled rows on filler over 256 cached
-    positions; a real step also pays the engine around them (scheduling, committing, detokenising), a
-    drafter's context update, longer contexts, and, when sampling, each draft's distribution widened to the
-    target's vocabulary. A kind's steps are charged the ratio of measured to profiled time that its recent
-    steps showed, so the gate weighs a draft call at what it really costs on this machine now, not what it
-    cost while profiling (a machine that drifts by tens of percent within minutes). A ratio, not an added
-    time: an added time is the same for every verification length and so made rows look cheaper than they
-    are (16 clients on long held-out prompts measured steps ~25% over the profile; charged as a time per
-    request, it made verifying look nearly free, and the scheduler lost 5% to plain decoding,
-    `load_hybrid_v7_kernels16_margin_heldout.json`), and learnt at one load it misjudged another. A kind not
-    yet measured borrows the other kind's ratio with the same sampling."""
+    positions; a real step also pays the engine around them (scheduling, committing, detokenising: a time
+    per step), a drafter's context update, longer contexts (a time per row), and, when sampling, each draft's
+    distribution widened to the target's vocabulary. A kind's steps are fitted as `scale` x profiled time +
+    `extra` (least squares over its recent steps), so the gate weighs a draft call at what it really costs on
+    this machine now, not what it cost while profiling (a machine that drifts by tens of percent within
+    minutes), and the rows keep their own price. Both parts matter. An added time alone made rows look
+    nearly free where long contexts made every row dearer (16 clients on long held-out prompts, steps ~25%
+    over the profile: the scheduler lost 5% to plain decoding,
+    `load_hybrid_v7_kernels16_margin_heldout.json`). A ratio alone scales every length alike, so the
+    engine's time per step never made a longer verification, which spreads that time over more tokens, look
+    any better (at batch 1 it verified only what the profile says). The slope is shrunk towards the plain
+    ratio (measured / profiled means) as if the steps also spread by COST_SPREAD at that ratio: steps of one
+    shape (a steady load) carry no slope, and there the ratio rules.
+    A kind not yet measured borrows the other kind's fit with the same sampling."""
 
     def __init__(self) -> None:
-        self._ratio: dict[StepKind, float] = {}
+        self._moments: dict[StepKind, np.ndarray] = {}  # per kind: means of x, y, x^2, x y (x: predicted)
         self._seen: dict[StepKind, int] = {}
+        self._fits: dict[StepKind, CostFit] = {}  # asked many times a step: kept until the next observation
 
     def observe(self, kind: StepKind, predicted: float, measured: float) -> None:
-        ratio = min(max(measured / predicted, 1 - MAX_SAVING), 1 + MAX_EXTRA) if predicted > 0 else 1.0
+        if predicted <= 0:
+            return
+        y = min(max(measured, (1 - MAX_SAVING) * predicted), (1 + MAX_EXTRA) * predicted)
+        sample = np.array([predicted, y, predicted * predicted, predicted * y])
         seen = self._seen.get(kind, 0) + 1
-        mean = self._ratio.get(kind, 1.0)
-        self._ratio[kind] = mean + max(1 / seen, COST_SMOOTHING) * (ratio - mean)  # a mean, then an EMA
+        moments = self._moments.get(kind, sample)
+        self._moments[kind] = moments + max(1 / seen, COST_SMOOTHING) * (sample - moments)  # mean, then EMA
         self._seen[kind] = seen
+        self._fits.clear()
 
-    def summary(self) -> dict[str, float]:
-        """Measured / profiled step time by kind, for reports ('draft call, sampled': 1.12)."""
+    def fit(self, kind: StepKind) -> CostFit:
+        if kind not in self._fits:
+            known = [k for k in (kind, (not kind[0], kind[1])) if self._seen.get(k, 0) >= COST_WARMUP]
+            self._fits[kind] = self._fit(self._moments[known[0]]) if known else CostFit()
+        return self._fits[kind]
+
+    @staticmethod
+    def _fit(moments: np.ndarray) -> CostFit:
+        mx, my, mxx, mxy = moments
+        ratio = my / mx
+        prior = (COST_SPREAD * mx) ** 2  # a pseudo-spread of steps at the plain ratio
+        var, cov = max(mxx - mx * mx, 0.0), mxy - mx * my
+        scale = min(max((cov + prior * ratio) / (var + prior), 1 - MAX_SAVING), 1 + MAX_EXTRA)
+        return CostFit(scale=float(scale), extra=float(my - scale * mx))
+
+    def summary(self) -> dict[str, CostFit]:
+        """The fit by kind, for reports ('draft call, greedy': scale 1.02, extra 0.0031 s)."""
         names = {True: "draft call", False: "no draft call"}
         return {
-            f"{names[called]}, {'sampled' if sampled else 'greedy'}": round(ratio, 3)
-            for (called, sampled), ratio in sorted(self._ratio.items())
+            f"{names[called]}, {'sampled' if sampled else 'greedy'}": self.fit((called, sampled))
+            for called, sampled in sorted(self._moments)
         }
-
-    def ratio(self, kind: StepKind) -> float:
-        for known in (kind, (not kind[0], kind[1])):
-            if self._seen.get(known, 0) >= COST_WARMUP:
-                return self._ratio[known]
-        return 1.0
 
 
 class ScheduledVerification:
@@ -274,19 +310,20 @@ class ScheduledVerification:
         if self.profile is None or self.costs is None or shape.prefill_tokens:
             return  # prompt chunks vary too much in cost to learn from
         predicted = self.profile.step_seconds(
-            shape.num_requests, shape.num_tokens + verified, shape.served, sampled=shape.sampled
-        )
+            shape.num_requests, shape.num_tokens + verified, shape.served, sampled=shape.sampled,
+            cached=shape.cached,
+        )  # fmt: skip
         self.costs.observe((shape.served > 0, shape.sampled), predicted, seconds)
 
     def _steps_per_second(self, shape: StepShape) -> Callable[[int], float]:
-        """The profile's SPS(B) for the shape, scaled by its kind's measured / profiled step time."""
-        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.sampled)
-        ratio = self.costs.ratio((shape.served > 0, shape.sampled)) if self.costs else 1.0
-        if ratio == 1.0:
+        """The profile's SPS(B) for the shape, its step times refitted to what its kind's steps measured."""
+        sps = self.profile.steps_per_second(shape.num_requests, shape.drafted, shape.sampled, shape.cached)
+        fit = self.costs.fit((shape.served > 0, shape.sampled)) if self.costs else CostFit()
+        if fit == CostFit():
             return sps
 
         def corrected(num_tokens: int) -> float:
-            return sps(num_tokens) / ratio
+            return 1 / fit.seconds(1 / sps(num_tokens))
 
         return corrected
 
@@ -322,11 +359,13 @@ class ScheduledVerification:
     def _source_rate(self, called: StepShape, candidates: int, source: str) -> float:
         """Expected tokens/s of a step calling `source` for `candidates` requests, averaged over batches of
         its recent drafts, each cut by the scheduler as a real step would be. Asked every step, so it is
-        kept per shape: while the source drafts, until RATE_UPDATES more drafts came in; while gated,
-        until it looks."""
+        kept per shape (contexts by CONTEXT_BUCKET positions a request): while the source drafts, until
+        RATE_UPDATES more drafts came in; while gated, until it looks."""
         recent = self.recent[source]
+        context = None if called.cached is None else called.cached // max(called.num_requests, 1)
         key = (id(self.profile), source, candidates, called.num_requests, called.num_tokens,
-               called.num_outputs, called.prefill_tokens, called.drafted, called.sampled)  # fmt: skip
+               called.num_outputs, called.prefill_tokens, called.drafted, called.sampled,
+               None if context is None else context // CONTEXT_BUCKET)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._rates.get(key)
         if cached is not None and recent.updates - cached[0] < (1 if gated else RATE_UPDATES):
