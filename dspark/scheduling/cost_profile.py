@@ -77,8 +77,8 @@ class CostProfile(BaseModel):
     prefill_tokens: list[int] = []  # profiled prompt-chunk lengths, ascending
     prefill_ms: list[float] = []  # prefill_ms[i]: a forward of one prompt chunk of prefill_tokens[i] tokens
     # What 1000 cached positions beyond PROFILE_CONTEXT add to a step: per decoding request (its keys and
-    # values read once) and per row it feeds (each row's scores and weighted values). Measured at 300 and
-    # 1,500 cached positions on the 2-core Xeon: 1 row 5.2 ms per 1000, 8 rows 11.2 (attention reads fp32
+    # values read once) and per row it feeds (each row's scores and weighted values). Measured at 256 and
+    # 1,536 cached positions on the 2-core Xeon: 1 row 5.2 ms per 1000, 8 rows 11.2 (attention reads fp32
     # keys and values at the memory's bandwidth).
     context_request_ms: float = 0.0
     context_row_ms: float = 0.0
@@ -133,7 +133,7 @@ class CostProfile(BaseModel):
         per request and per row (the rows spread evenly over the requests); at least half the profile's."""
         if cached is None or not num_requests:
             return target_ms
-        beyond = cached / num_requests - PROFILE_CONTEXT  # per request, thousands below
+        beyond = cached / num_requests - PROFILE_CONTEXT  # per request past the profile's (< 0: fewer)
         extra = (self.context_request_ms * num_requests + self.context_row_ms * num_tokens) * beyond / 1000
         return max(target_ms + extra, target_ms / 2)
 

@@ -192,14 +192,14 @@ class MeasuredCosts:
     kind of step: with or without a draft call, greedy or sampling.
 
     The profile times the target's forward, the draft call and the sampled rows on filler over 256 cached
-    positions; a real step also pays the engine around them (scheduling, committing, detokenising: a time
-    per step), a drafter's context update, longer contexts (a time per row), and, when sampling, each draft's
-    distribution widened to the target's vocabulary. A kind's steps are fitted as `scale` x profiled time +
-    `extra` (least squares over its recent steps), so the gate weighs a draft call at what it really costs on
-    this machine now, not what it cost while profiling (a machine that drifts by tens of percent within
-    minutes), and the rows keep their own price. Both parts matter. An added time alone made rows look
-    nearly free where long contexts made every row dearer (16 clients on long held-out prompts, steps ~25%
-    over the profile: the scheduler lost 5% to plain decoding,
+    positions (longer contexts priced by its context model); a real step also pays the engine around them
+    (scheduling, committing, detokenising: a time per step), a drafter's context update, and, when sampling,
+    each draft's distribution widened to the target's vocabulary. A kind's steps are fitted as `scale` x
+    profiled time + `extra` (least squares over its recent steps), so the gate weighs a draft call at what it
+    really costs on this machine now, not what it cost while profiling (a machine that drifts by tens of
+    percent within minutes), and the rows keep their own price. Both parts matter. An added time alone made
+    rows look nearly free where long contexts made every row dearer (16 clients on long held-out prompts,
+    steps ~25% over the profile: the scheduler lost 5% to plain decoding,
     `load_hybrid_v7_kernels16_margin_heldout.json`). A ratio alone scales every length alike, so the
     engine's time per step never made a longer verification, which spreads that time over more tokens, look
     any better (at batch 1 it verified only what the profile says). The slope is shrunk towards the plain
