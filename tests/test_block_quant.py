@@ -57,7 +57,7 @@ def test_recovered_blocks_rebuild_the_weight_and_its_products_exactly(
     assert blocks is not None and blocks.kind == kind
     assert torch.equal(blocks.dequantize(), w)
     fp32 = small_m_linear()
-    for rows in (1, 2, 3, 4, 7, 12, 16, 41, MAX_ROWS):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 41, MAX_ROWS):  # each of the in-register shapes
         x = torch.randn(rows, in_features, generator=gen)
         y = blocks(x)
         assert torch.equal(y, fp32(x, w)), f"{rows} rows: not the fp32 kernel's products"

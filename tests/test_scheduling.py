@@ -498,8 +498,31 @@ def test_draft_gate_weighs_a_model_against_the_drafts_its_requests_already_hold(
     policy = ScheduledVerification(profile)
     policy.lengths([model] * 8, shape, ["model"] * 8)
     assert policy.drafting(shape, 1, "model") == 1  # against plain decoding: pays
-    assert policy.drafting(shape, 1, "model", [np.array([0.05])]) == 1  # a hopeless lookup draft: same
-    assert policy.drafting(shape, 1, "model", [np.array([0.9])]) == 0  # a good lookup draft wins
+    assert policy.drafting(shape, 1, "model", lambda: [np.array([0.05])]) == 1  # a hopeless lookup draft
+    assert policy.drafting(shape, 1, "model", lambda: [np.array([0.9])]) == 0  # a good lookup draft wins
+
+
+def test_a_source_that_cannot_beat_plain_decoding_never_weighs_the_fallback_drafts():
+    """The fallback drafts are free, so they yield at least plain decoding: a model whose drafts cannot beat
+    plain decoding is gated without computing their confidences (most steps under load)."""
+    profile = CostProfile(
+        key="t", requests=[1, 4], tokens_per_request=[1, 2, 4],
+        target_ms=[[10.0, 12.0, 16.0], [20.0, 30.0, 50.0]], draft_ms=[4.0, 16.0],
+    )  # fmt: skip
+    asked = []
+
+    def fallback() -> list[np.ndarray]:
+        asked.append(True)
+        return [np.array([0.9])]
+
+    policy = ScheduledVerification(profile)
+    shape = StepShape(1, 1, 1)
+    policy.lengths([np.array([0.1, 0.05])] * 8, shape, ["model"] * 8)  # hopeless drafts
+    assert policy.drafting(shape, 1, "model", fallback) == 0
+    assert not asked
+    policy.lengths([np.array([0.8, 0.6, 0.5])] * 64, shape, ["model"] * 64)  # drafts that beat plain
+    assert policy.drafting(shape, 1, "model", fallback) == 0  # but not the lookup's draft at 0.9
+    assert asked
 
 
 @pytest.mark.parametrize(("draft_ms", "called"), [(5.4, 0), (4.0, 1)])
@@ -570,6 +593,22 @@ def test_measured_costs_split_a_time_per_step_from_a_scale_on_the_profile():
     assert fit.scale == pytest.approx(slope, abs=0.02) and fit.extra == pytest.approx(intercept, abs=0.0005)
 
 
+def test_a_kind_seen_few_times_leans_on_its_ratio():
+    """The slope of a kind's fit carries the evidence of its steps: a dozen uneven steps move it only part of
+    the way from the plain ratio, a few hundred of the same spread all but the whole way."""
+    rng = np.random.default_rng(1)
+    predicted = rng.uniform(0.020, 0.030, 300)
+    measured = 1.5 * predicted - 0.005  # the ratio of the means is ~1.3
+    few, many = MeasuredCosts(), MeasuredCosts()
+    for i, (x, y) in enumerate(zip(predicted, measured, strict=True)):
+        many.observe((False, False), x, y)
+        if i < 12:
+            few.observe((False, False), x, y)
+    ratio = float(np.mean(measured[:12]) / np.mean(predicted[:12]))
+    assert abs(few.fit((False, False)).scale - ratio) < 0.5 * abs(1.5 - ratio)
+    assert many.fit((False, False)).scale == pytest.approx(1.5, abs=0.06)
+
+
 def test_a_time_per_step_leaves_the_rows_their_profiled_price():
     """At one request a step measures the profile plus 3 ms of engine time, whatever its length. Fitted as
     a time per step, each row keeps its profiled price, so a longer verification spreads that time over more
@@ -579,7 +618,7 @@ def test_a_time_per_step_leaves_the_rows_their_profiled_price():
     shape = StepShape(1, 1, 1, drafted=0)
     confidences = [np.array([0.6, 0.6, 0.3])]  # survival 0.6, 0.36, 0.108
     policy = ScheduledVerification(profile, draft_gate=False, min_gain=0.0)
-    for tokens in [1, 2, 3, 4] * 8:
+    for tokens in [1, 2, 3, 4] * 16:  # COST_PRIOR_STEPS steps: the slope has its full weight
         policy.observe(shape, tokens - 1, profile.step_seconds(1, tokens, drafted=0) + 0.003)
     fit = policy.costs.fit((False, False))
     # (the slope shrunk a little towards the ratio of the means, 1.22: these steps spread by ~22%)
@@ -649,3 +688,15 @@ def test_a_step_measured_cheaper_than_profiled_still_costs_half_its_profiled_tim
     sps = policy._steps_per_second(shape)
     assert sps(4) == pytest.approx(1 / 0.010)  # a plain step, profiled 20 ms: half of it
     assert sps(8) == pytest.approx(1 / 0.200)  # the verifying step itself: 400 - 200 ms
+
+
+def test_a_copied_profile_with_another_table_prices_by_its_own_table():
+    """The forward curves are kept per request count; a copy with a new table must not read the old ones."""
+    profile = CostProfile(
+        key="t", requests=[1, 4], tokens_per_request=[1, 2], target_ms=[[10.0, 12.0], [20.0, 30.0]],
+        draft_ms=[1, 2],
+    )  # fmt: skip
+    assert profile.target_seconds(2, 2) == pytest.approx(0.015)  # halfway in log n between 10 and 20
+    dearer = profile.model_copy(update={"target_ms": [[20.0, 24.0], [40.0, 60.0]]})
+    assert dearer.target_seconds(2, 2) == pytest.approx(0.030)
+    assert profile.target_seconds(2, 2) == pytest.approx(0.015)

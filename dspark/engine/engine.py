@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from dspark.proposers.hybrid import merge_drafts
 from dspark.sampling import SamplingParams, params_tensors, processed_probs
 from dspark.scheduling import OnlineAcceptanceEstimator, StepShape, VerificationPolicy
 from dspark.scheduling.cost_profile import ProfileMeasurement
+from dspark.scheduling.policies import Fallback
 from dspark.verify import verify
 
 
@@ -361,9 +363,9 @@ class Engine:
         # The model must beat what its candidates hold without it: their weak lookup drafts, if any.
         weak_drafts = [drafts[i] for i in candidates]
         fallback = (
-            self._confidences([requests[i] for i in candidates], weak_drafts)
+            partial(self._confidences, [requests[i] for i in candidates], weak_drafts)
             if any(d.tokens for d in weak_drafts)
-            else ()
+            else None
         )
         granted = self._granted(shape, candidates, source, fallback)
         if granted:
@@ -373,7 +375,7 @@ class Engine:
         return _Drafted(drafts, sources, len(granted), bool(candidates) and not granted)
 
     def _granted(
-        self, shape: StepShape, candidates: list[int], source: str, fallback: Sequence[np.ndarray] = ()
+        self, shape: StepShape, candidates: list[int], source: str, fallback: Fallback = None
     ) -> list[int]:
         """The candidates the policy lets `source` draft for: all, or (gated, exploring) one in turn."""
         count = self.policy.drafting(shape, len(candidates), source, fallback) if candidates else 0

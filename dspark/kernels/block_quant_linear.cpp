@@ -126,18 +126,20 @@ __attribute__((target("avx512f,avx512dq"))) inline void rebuilt32_wide(const uin
   }
 }
 
-// MX rows of x against 4 weight rows, each 16 weights rebuilt in a register and used at once by every row:
-// for a decode or verify step's 1-4 rows the rebuild is the work, and a scratch's store and reload would add
-// to it (2 rows took 1.2x one row's time this way, 1.5x through the scratch).
-template <Kind KIND, int MX>
+// MX rows of x against R weight rows, each 16 weights rebuilt in a register and used at once by every row:
+// for a decode or verify step's 1-8 rows the rebuild is the work, and a scratch's store and reload would add
+// to it (2 rows took 1.2x one row's time this way, 1.5x through the scratch). R x MX accumulators stay within
+// 16 of the 32 registers: 4 weight rows for up to 4 rows of x, 2 for up to 8.
+template <Kind KIND, int R, int MX>
 __attribute__((target("avx512f,avx512dq"))) inline void rows_in_registers(
     const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride, const float* x,
     int64_t K, float* y, int64_t ldy) {
-  __m512 acc[4][MX];
-  for (int r = 0; r < 4; ++r)
+  static_assert(R * MX <= 16, "accumulators must leave registers for the weights and constants");
+  __m512 acc[R][MX];
+  for (int r = 0; r < R; ++r)
     for (int i = 0; i < MX; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < K / 32; ++kb)
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
       __m512 w[2];
       rebuilt32_wide<KIND>(q + r * q_stride, d ? d + r * s_stride : nullptr, m ? m + r * s_stride : nullptr, kb, w);
       for (int i = 0; i < MX; ++i) {
@@ -147,23 +149,40 @@ __attribute__((target("avx512f,avx512dq"))) inline void rows_in_registers(
       }
     }
   for (int i = 0; i < MX; ++i)
-    for (int r = 0; r < 4; ++r) y[i * ldy + r] = dspark::hsum16(acc[r][i]);
+    for (int r = 0; r < R; ++r) y[i * ldy + r] = dspark::hsum16(acc[r][i]);
 }
 
-// Up to this many rows of x the AVX-512 path rebuilds in registers, 4 rows of x per pass over a group's
+// Up to this many rows of x the AVX-512 path rebuilds in registers, every row in one pass over a group's
 // blocks (which stay in L1); past it, once per call into the fp32 scratch, which the fp32 micro-kernel then
 // multiplies by 6 rows at a time. Per layer of the default target on the 2-core Xeon (2 threads, us): 1-4 rows
-// 116, 140, 169, 200 in registers; 6 rows 336 in registers, 323 through the scratch; 8 rows 388, 431.
+// 84, 104, 124, 145 in registers, 4 weight rows a pass; 5-8 rows took 217, 246, 264, 281 in two passes of 4
+// rows of x (each weight rebuilt twice), and take ~165-225 with 2 weight rows a pass; 12 rows 359 through the
+// scratch.
 constexpr int64_t kRowsInRegisters = 8;
 
+// A group's 4 weight rows against M <= kRowsInRegisters rows of x, each weight rebuilt once.
 template <Kind KIND>
 inline void few_rows_wide(const uint8_t* q, int64_t q_stride, const float* d, const float* m, int64_t s_stride,
                           const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
+  if (M > 4) {  // two weight rows at a time: 2 x 8 accumulators
+    for (int64_t r = 0; r < 4; r += 2) {
+      const uint8_t* qr = q + r * q_stride;
+      const float* dr = d ? d + r * s_stride : nullptr;
+      const float* mr = m ? m + r * s_stride : nullptr;
+      switch (M) {
+        case 5: rows_in_registers<KIND, 2, 5>(qr, q_stride, dr, mr, s_stride, x, K, y + r, ldy); break;
+        case 6: rows_in_registers<KIND, 2, 6>(qr, q_stride, dr, mr, s_stride, x, K, y + r, ldy); break;
+        case 7: rows_in_registers<KIND, 2, 7>(qr, q_stride, dr, mr, s_stride, x, K, y + r, ldy); break;
+        default: rows_in_registers<KIND, 2, 8>(qr, q_stride, dr, mr, s_stride, x, K, y + r, ldy);
+      }
+    }
+    return;
+  }
   switch (M) {
-    case 1: rows_in_registers<KIND, 1>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
-    case 2: rows_in_registers<KIND, 2>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
-    case 3: rows_in_registers<KIND, 3>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
-    default: rows_in_registers<KIND, 4>(q, q_stride, d, m, s_stride, x, K, y, ldy);
+    case 1: rows_in_registers<KIND, 4, 1>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    case 2: rows_in_registers<KIND, 4, 2>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    case 3: rows_in_registers<KIND, 4, 3>(q, q_stride, d, m, s_stride, x, K, y, ldy); break;
+    default: rows_in_registers<KIND, 4, 4>(q, q_stride, d, m, s_stride, x, K, y, ldy);
   }
 }
 
@@ -214,9 +233,7 @@ torch::Tensor run(const torch::Tensor& x_in, const torch::Tensor& q, const torch
       const float* db = SCALED ? D + b * 4 * s_stride : nullptr;
       const float* mb = Q4 ? Mn + b * 4 * s_stride : nullptr;
       if (!scratch && wide) {
-        for (int64_t i = 0; i < M; i += 4)
-          few_rows_wide<KIND>(qb, q_stride, db, mb, s_stride, X + i * K, std::min<int64_t>(4, M - i), K,
-                              Y + b * 4 + i * N, N);
+        few_rows_wide<KIND>(qb, q_stride, db, mb, s_stride, X, M, K, Y + b * 4, N);
       } else if (!scratch) {
         four_rows<KIND>(qb, q_stride, db, mb, s_stride, X, K, Y + b * 4);
       } else if (wide) {

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 from tqdm import tqdm
 
 from dspark.kernels import simd_level, sources_digest
@@ -82,6 +82,13 @@ class CostProfile(BaseModel):
     # keys and values at the memory's bandwidth).
     context_request_ms: float = 0.0
     context_row_ms: float = 0.0
+    # _target_curve per request count: a scheduler asks for a few shapes' curves many times a step
+    _curves: dict[int, list[float]] = PrivateAttr(default_factory=dict)
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> CostProfile:
+        copy = super().model_copy(update=update, deep=deep)
+        copy._curves = {}  # the update may change the table (pydantic shares private values)
+        return copy
 
     def target_seconds(self, num_requests: int, num_tokens: int) -> float:
         curve = self._target_curve(num_requests)
@@ -91,8 +98,11 @@ class CostProfile(BaseModel):
         """Forward ms per profiled tokens-per-request at `num_requests` requests. Both interpolations are
         linear in the times, so interpolating across requests first gives what interpolating across tokens
         first would, and a scheduler asking one step's many token counts pays for this once."""
-        columns = zip(*self.target_ms, strict=True)
-        return [self._across_requests(num_requests, column) for column in columns]
+        curve = self._curves.get(num_requests)
+        if curve is None:
+            columns = zip(*self.target_ms, strict=True)
+            curve = self._curves[num_requests] = [self._across_requests(num_requests, c) for c in columns]
+        return curve
 
     def draft_seconds(self, num_requests: int, sampled: bool = False) -> float:
         """One draft call for `num_requests` requests; `sampled`: some of them sample (the call then takes the

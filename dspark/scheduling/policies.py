@@ -75,12 +75,10 @@ class StepShape:
 class VerificationPolicy(Protocol):
     name: str
 
-    def drafting(
-        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
-    ) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, fallback: Fallback = None) -> int:
         """How many of `candidates` requests to call draft source `source` for this step; `fallback`: the
         confidences of the drafts the candidates hold without it (a hybrid's weak lookup drafts), the value
-        its drafts must beat (none: decoding without drafts)."""
+        its drafts must beat (None: decoding without drafts), computed only if the policy asks."""
         ...
 
     def lengths(
@@ -99,9 +97,7 @@ class VerificationPolicy(Protocol):
 class FixedLength:
     name = "fixed"
 
-    def drafting(
-        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
-    ) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, fallback: Fallback = None) -> int:
         return candidates
 
     def lengths(
@@ -119,9 +115,7 @@ class ConfidenceThreshold:
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def drafting(
-        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
-    ) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, fallback: Fallback = None) -> int:
         return candidates
 
     def lengths(
@@ -168,8 +162,15 @@ class RecentDrafts:
 COST_SMOOTHING = 1 / 32  # weight of each new step in a kind's measured cost fit (after the first ones)
 COST_WARMUP = 8  # steps of a kind measured before its cost fit steers
 COST_SPREAD = 0.05  # relative spread of predicted times at which a kind's fit trusts its slope by half
+# Steps of a kind whose weight that pseudo-spread carries: a kind seen fewer times leans on the ratio more (a
+# few dozen uneven steps once fitted prompt lookup's steps without a call as 1.95 x the profile - 7 ms).
+COST_PRIOR_STEPS = 64
 MAX_EXTRA = 1.0  # one step counts at most 1 + this times its predicted time (a stall, a GC pause)
 MAX_SAVING = 0.5  # and at least 1 - this: a profile far too dear must not make a step cost nothing
+
+# The confidences of the drafts a source's candidates already hold (its gate's bar), on demand: most steps
+# under load never need them.
+Fallback = Callable[[], Sequence[np.ndarray]] | None
 
 StepKind = tuple[bool, bool]  # (the step called a draft source, some request in it samples)
 
@@ -226,14 +227,14 @@ class MeasuredCosts:
     def fit(self, kind: StepKind) -> CostFit:
         if kind not in self._fits:
             known = [k for k in (kind, (not kind[0], kind[1])) if self._seen.get(k, 0) >= COST_WARMUP]
-            self._fits[kind] = self._fit(self._moments[known[0]]) if known else CostFit()
+            self._fits[kind] = self._fit(known[0]) if known else CostFit()
         return self._fits[kind]
 
-    @staticmethod
-    def _fit(moments: np.ndarray) -> CostFit:
-        mx, my, mxx, mxy = moments
+    def _fit(self, kind: StepKind) -> CostFit:
+        mx, my, mxx, mxy = self._moments[kind]
         ratio = my / mx
-        prior = (COST_SPREAD * mx) ** 2  # a pseudo-spread of steps at the plain ratio
+        # A pseudo-spread of steps at the plain ratio, worth COST_PRIOR_STEPS steps (the EMA's memory is ~63)
+        prior = (COST_SPREAD * mx) ** 2 * max(1.0, COST_PRIOR_STEPS / self._seen[kind])
         var, cov = max(mxx - mx * mx, 0.0), mxy - mx * my
         scale = min(max((cov + prior * ratio) / (var + prior), 1 - MAX_SAVING), 1 + MAX_EXTRA)
         return CostFit(scale=float(scale), extra=float(my - scale * mx))
@@ -275,9 +276,7 @@ class ScheduledVerification:
         self._interval: dict[str, int] = {}  # per source: gated steps until the next exploring call
         self._rates: dict[tuple, tuple[int, float]] = {}  # per source and shape: (updates, tokens/s)
 
-    def drafting(
-        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
-    ) -> int:
+    def drafting(self, shape: StepShape, candidates: int, source: str, fallback: Fallback = None) -> int:
         recent = self.recent.get(source)
         if self.profile is None or not self.draft_gate or recent is None or not candidates:
             return candidates
@@ -343,9 +342,7 @@ class ScheduledVerification:
             base_outputs=shape.num_outputs, min_gain=self.min_gain,
         )  # fmt: skip
 
-    def _pays_off(
-        self, shape: StepShape, candidates: int, source: str, fallback: Sequence[np.ndarray] = ()
-    ) -> bool:
+    def _pays_off(self, shape: StepShape, candidates: int, source: str, fallback: Fallback = None) -> bool:
         """Would the source's recent drafts, in batches of `candidates`, raise expected tokens/s above what
         the step yields without calling it: no draft time, and the candidates' `fallback` drafts (none:
         plain decoding)? The call's draft time is that of `shape.drafted` requests (None: all the
@@ -353,8 +350,13 @@ class ScheduledVerification:
         anything would be verified; a costly one must gain DRAFT_CALL_MARGIN (`min_gain` if larger) more."""
         called = shape if shape.drafted is not None else replace(shape, drafted=candidates)
         margin = max(self.min_gain, DRAFT_CALL_MARGIN) if called.drafted else 0.0
-        without = self._rate(fallback, replace(shape, drafted=0))  # the fallback drafts are free
-        return self._source_rate(called, candidates, source) > without * (1 + margin)
+        rate = self._source_rate(called, candidates, source)
+        bare = replace(shape, drafted=0)
+        # The fallback drafts are free, so they yield at least plain decoding: a source that cannot beat
+        # plain decoding needs no look at them (the common case under load, where they cost a schedule).
+        if rate <= self._rate((), bare) * (1 + margin):
+            return False
+        return fallback is None or rate > self._rate(fallback(), bare) * (1 + margin)
 
     def _source_rate(self, called: StepShape, candidates: int, source: str) -> float:
         """Expected tokens/s of a step calling `source` for `candidates` requests, averaged over batches of
@@ -364,7 +366,7 @@ class ScheduledVerification:
         recent = self.recent[source]
         context = None if called.cached is None else called.cached // max(called.num_requests, 1)
         key = (id(self.profile), source, candidates, called.num_requests, called.num_tokens,
-               called.num_outputs, called.prefill_tokens, called.drafted, called.sampled,
+               called.num_outputs, called.drafted, called.sampled,
                None if context is None else context // CONTEXT_BUCKET)  # fmt: skip
         gated = self._gated.get(source, 0) > 0 or self._interval.get(source, 0) > self.explore_every
         cached = self._rates.get(key)
