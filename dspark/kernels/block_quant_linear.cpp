@@ -10,7 +10,7 @@
 // of 4.
 //
 // A step's few rows are bound by the rebuild's arithmetic more than by the bytes: on AVX-512 each 16 weights
-// are rebuilt by one instruction per stage and multiplied at once by up to 4 rows of x, in registers. Past
+// are rebuilt by one instruction per stage and multiplied at once by up to 8 rows of x, in registers. Past
 // that (AVX2: from 2 rows), each group of 4 weight rows is rebuilt once into an fp32 scratch that stays in L1
 // and small_m_linear's own micro-kernel multiplies it by every row: the rebuild is paid once per weight and
 // call, and with up to ~100 rows this beats oneDNN's fp32 GEMM (it reads 4 bytes per weight).
