@@ -186,7 +186,7 @@ def test_serve_config(manifest: dict):
         assert app.import_path == IMPORT_PATH
         cfg = ServeConfig.model_validate(app.args)
         assert cfg.autoscaling.min_replicas == 1 and cfg.autoscaling.max_replicas == 4
-        assert cfg.engine.proposer == "ngram"
+        assert cfg.engine.proposer == "hybrid"
         assert cfg.engine.verification.policy == "scheduler"
 
 
