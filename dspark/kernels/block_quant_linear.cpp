@@ -156,8 +156,8 @@ __attribute__((target("avx512f,avx512dq"))) inline void rows_in_registers(
 // blocks (which stay in L1); past it, once per call into the fp32 scratch, which the fp32 micro-kernel then
 // multiplies by 6 rows at a time. Per layer of the default target on the 2-core Xeon (2 threads, us): 1-4 rows
 // 84, 104, 124, 145 in registers, 4 weight rows a pass; 5-8 rows took 217, 246, 264, 281 in two passes of 4
-// rows of x (each weight rebuilt twice), and take ~165-225 with 2 weight rows a pass; 12 rows 359 through the
-// scratch.
+// rows of x (each weight rebuilt twice), and take 178, 204, 235, 262 with 2 weight rows a pass (at 8 rows the
+// FMAs and the rebuild fill the vector ports); 12 rows 359 through the scratch.
 constexpr int64_t kRowsInRegisters = 8;
 
 // A group's 4 weight rows against M <= kRowsInRegisters rows of x, each weight rebuilt once.
